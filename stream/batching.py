@@ -1,0 +1,237 @@
+"""Per-(user_id, data_type) buffers and the decisions of when each leaves: pure, time passed in as `now`.
+
+A buffer leaves as a batch when it holds `max_samples` ("full") or its oldest sample has waited `window`
+seconds ("window"). One batch per key is in flight at a time, so a key's batches reach the API in order.
+A buffer that cannot reach the API's minimum of 3 samples waits `hold` seconds for more, then is handed
+out to be parked (written to the pending topic, to come back and join later samples) or, once its oldest
+sample is older than `max_age` (wall clock, kept across parking), to be dead-lettered.
+
+Deadlines sit in one heap with lazy invalidation: O(log n) per new buffer, O(1) per further sample, and
+no task or timer per buffer.
+"""
+
+from __future__ import annotations
+
+import heapq
+from operator import itemgetter
+from typing import Any, NamedTuple
+
+MIN_SAMPLES = 3  # the API refuses a request with fewer samples
+
+Key = tuple[str, str]  # (user_id, data_type)
+
+
+class Entry(NamedTuple):
+    """One buffered sample: its sort key, its encoded API bytes, and where it came from (for the ack)."""
+
+    start: float
+    body: bytes
+    source: Any  # opaque here: the offsets' PartitionOffsets
+    offset: int
+
+
+class Batch(NamedTuple):
+    key: Key
+    entries: list[Entry]  # chronological by start_date
+    reason: str  # full | window | revoke | shutdown
+
+
+class Small(NamedTuple):
+    """A buffer of 1-2 samples handed out to be parked or dead-lettered, with the wall time it was born."""
+
+    key: Key
+    entries: list[Entry]
+    born: float
+
+
+class Work(NamedTuple):
+    batches: list[Batch]
+    park: list[Small]
+    expire: list[Small]
+
+
+_by_start = itemgetter(0)
+
+
+class _Buffer:
+    __slots__ = ("born", "entries", "gen", "since")
+
+    def __init__(self, since: float, born: float, gen: int) -> None:
+        self.entries: list[Entry] = []
+        self.since = since  # monotonic time the oldest buffered sample arrived (window and hold)
+        self.born = born  # wall time the oldest sample was first seen, kept across parking (max age)
+        self.gen = gen  # identifies this buffer's timers; a timer of an older buffer is ignored
+
+
+def plan_take(n: int, max_samples: int) -> int:
+    """How many of n buffered samples the next batch takes, so that no remainder is left below 3.
+
+    1001 with a maximum of 1000 becomes 998 now and 3 next, rather than 1000 and a stranded 1.
+    """
+    if n <= max_samples:
+        return n
+    rest = n - max_samples
+    if rest < MIN_SAMPLES:
+        return n - MIN_SAMPLES
+    return max_samples
+
+
+class Batcher:
+    def __init__(self, max_samples: int, window: float, hold: float, max_age: float) -> None:
+        if not MIN_SAMPLES <= max_samples <= 1000:
+            raise ValueError("max_samples must be within 3..1000")
+        self.max_samples = max_samples
+        self.window = window
+        self.hold = hold
+        self.max_age = max_age
+        self._buffers: dict[Key, _Buffer] = {}
+        self._timers: list[tuple[float, int, Key]] = []  # (when, gen, key)
+        self._ready: dict[Key, str] = {}  # keys whose buffer may leave now, in arrival order -> reason
+        self._in_flight: set[Key] = set()
+        self._gen = 0
+        self._samples = 0
+        self._flush_reason: str | None = None  # set while draining everything (shutdown)
+
+    # -- intake ---------------------------------------------------------------------------------------
+
+    def add(self, key: Key, entries: list[Entry], now: float, born: float) -> None:
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            self._gen += 1
+            buffer = self._buffers[key] = _Buffer(now, born, self._gen)
+            heapq.heappush(self._timers, (now + self.window, buffer.gen, key))
+        elif born < buffer.born:
+            buffer.born = born
+        buffer.entries.extend(entries)
+        self._samples += len(entries)
+        if len(buffer.entries) >= self.max_samples and key not in self._in_flight:
+            self._ready[key] = "full"
+
+    # -- decisions ------------------------------------------------------------------------------------
+
+    def poll(self, now: float, wall: float, slots: int) -> Work:
+        """What leaves now: at most `slots` batches, plus small buffers to park or to expire."""
+        work = Work([], [], [])
+        self._fire_timers(now, wall, work)
+        while slots > 0 and self._ready:
+            key, reason = next(iter(self._ready.items()))
+            del self._ready[key]
+            batch = self._take_batch(key, reason)
+            if batch is not None:
+                work.batches.append(batch)
+                slots -= 1
+        return work
+
+    def done(self, key: Key, now: float) -> None:
+        """The key's batch in flight is finished (accepted, refused or given up): its next may go."""
+        self._in_flight.discard(key)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            return
+        size = len(buffer.entries)
+        if size >= self.max_samples:
+            self._ready[key] = "full"
+        elif size >= MIN_SAMPLES and (self._flush_reason or now >= buffer.since + self.window):
+            self._ready[key] = self._flush_reason or "window"
+        else:
+            when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
+            heapq.heappush(self._timers, (when, buffer.gen, key))
+
+    def flush_all(self, reason: str) -> None:
+        """Mark every buffer that can make a request as ready now (shutdown, revoke)."""
+        self._flush_reason = reason
+        for key, buffer in self._buffers.items():
+            if len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
+                self._ready.setdefault(key, reason)
+
+    def flush_keys(self, keys: set[Key], reason: str) -> None:
+        for key in keys:
+            buffer = self._buffers.get(key)
+            if buffer is not None and len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
+                self._ready.setdefault(key, reason)
+
+    def take_small(self) -> list[Small]:
+        """Every idle buffer of 1-2 samples (at shutdown: they get parked rather than held in memory)."""
+        out = []
+        for key, buffer in list(self._buffers.items()):
+            if len(buffer.entries) < MIN_SAMPLES and key not in self._in_flight:
+                out.append(self._remove(key, buffer))
+        return out
+
+    def drop_sources(self, sources: set[Any]) -> int:
+        """Forget samples that came from revoked partitions (their new owner reads them again)."""
+        dropped = 0
+        for key, buffer in list(self._buffers.items()):
+            kept = [e for e in buffer.entries if e.source not in sources]
+            if len(kept) == len(buffer.entries):
+                continue
+            dropped += len(buffer.entries) - len(kept)
+            buffer.entries = kept
+            if not kept and key not in self._in_flight:
+                del self._buffers[key]
+                self._ready.pop(key, None)
+        self._samples -= dropped
+        return dropped
+
+    def keys_with_sources(self, sources: set[Any]) -> set[Key]:
+        return {k for k, b in self._buffers.items() if any(e.source in sources for e in b.entries)}
+
+    # -- state for metrics and shutdown ---------------------------------------------------------------
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._samples
+
+    @property
+    def buffers(self) -> int:
+        return len(self._buffers)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def oldest_since(self) -> float | None:
+        return min((b.since for b in self._buffers.values()), default=None)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _fire_timers(self, now: float, wall: float, work: Work) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, gen, key = heapq.heappop(timers)
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.gen != gen or key in self._in_flight:
+                continue  # gone, replaced, or re-evaluated by done() when its batch returns
+            if len(buffer.entries) >= MIN_SAMPLES:
+                self._ready.setdefault(key, "window")
+            elif now >= buffer.since + self.hold:
+                small = self._remove(key, buffer)
+                (work.expire if wall >= small.born + self.max_age else work.park).append(small)
+            else:
+                heapq.heappush(timers, (buffer.since + self.hold, gen, key))
+
+    def _take_batch(self, key: Key, reason: str) -> Batch | None:
+        buffer = self._buffers.get(key)
+        if buffer is None or key in self._in_flight or len(buffer.entries) < MIN_SAMPLES:
+            return None
+        entries = buffer.entries
+        entries.sort(key=_by_start)
+        take = plan_take(len(entries), self.max_samples)
+        batch, rest = entries[:take], entries[take:]
+        self._samples -= take
+        self._in_flight.add(key)
+        if rest:
+            buffer.entries = rest
+        else:
+            del self._buffers[key]
+        return Batch(key, batch, reason)
+
+    def _remove(self, key: Key, buffer: _Buffer) -> Small:
+        del self._buffers[key]
+        self._ready.pop(key, None)
+        self._samples -= len(buffer.entries)
+        return Small(key, buffer.entries, buffer.born)

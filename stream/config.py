@@ -1,0 +1,177 @@
+"""Settings for `stream run`: one frozen struct, loaded from STREAM_* variables and flags, loud on bad values."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+PREFIX = "STREAM_"
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a bad value; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Each field is STREAM_<NAME> in the environment and --<name-with-dashes> on the command line.
+    # The help text of each lives in HELP below, so `stream run --help` and the README agree.
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_topics: tuple[str, ...] = ("samples",)
+    kafka_group_id: str = "samples-sync"
+    kafka_client_id: str = "stream"
+    kafka_max_poll_records: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    dlq_topic: str = "samples.dlq"
+    pending_topic: str = "samples.pending"
+    api_url: str = "https://api-b2b.gerosense.ai/api/v2.2"
+    api_token: str = ""
+    api_token_file: str = ""
+    api_timeout_seconds: Seconds = 30.0
+    batch_max_samples: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 1000
+    batch_window_seconds: Seconds = 5.0
+    min_batch_hold_seconds: Seconds = 30.0
+    min_batch_max_age_seconds: Seconds = 86400.0
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    commit_interval_seconds: Seconds = 5.0
+    drain_timeout_seconds: Seconds = 30.0
+    retry_backoff_first_seconds: Seconds = 0.5
+    retry_backoff_max_seconds: Seconds = 30.0
+    metrics_port: Port = 9090
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.kafka_topics or not all(self.kafka_topics):
+            raise ConfigError("STREAM_KAFKA_TOPICS: needs at least one topic name")
+        if self.dlq_topic in self.kafka_topics or self.pending_topic in self.kafka_topics:
+            raise ConfigError("STREAM_DLQ_TOPIC / STREAM_PENDING_TOPIC: must differ from STREAM_KAFKA_TOPICS")
+        if self.min_batch_max_age_seconds < self.min_batch_hold_seconds:
+            raise ConfigError(
+                "STREAM_MIN_BATCH_MAX_AGE_SECONDS: must be at least STREAM_MIN_BATCH_HOLD_SECONDS"
+            )
+        if not self.api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"STREAM_API_URL: must start with http:// or https://, got {self.api_url!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"STREAM_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {self.log_level!r}")
+
+    @property
+    def samples_url(self) -> str:
+        return self.api_url.rstrip("/") + "/samples"
+
+    @property
+    def input_topics(self) -> tuple[str, ...]:
+        """Every topic the service consumes: the producers' topics and its own pending topic."""
+        return (*self.kafka_topics, self.pending_topic)
+
+    def read_token(self) -> str:
+        """The API token, from STREAM_API_TOKEN_FILE when set (so a rotated Secret is picked up)."""
+        if self.api_token_file:
+            try:
+                token = Path(self.api_token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"STREAM_API_TOKEN_FILE: cannot read it ({exc.strerror})") from None
+            if not token:
+                raise ConfigError("STREAM_API_TOKEN_FILE: the file is empty")
+            return token
+        if not self.api_token:
+            raise ConfigError("STREAM_API_TOKEN or STREAM_API_TOKEN_FILE: one of them is required")
+        return self.api_token
+
+    def __repr__(self) -> str:
+        # The token must never reach a log line, even through a debug repr.
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        if fields["api_token"]:
+            fields["api_token"] = "***"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+HELP: dict[str, str] = {
+    "kafka_bootstrap_servers": "Kafka brokers, host:port[,host:port]",
+    "kafka_topics": "input topics, comma-separated",
+    "kafka_group_id": "consumer group; replicas with the same group share the partitions",
+    "kafka_client_id": "client id shown in broker logs and metrics",
+    "kafka_max_poll_records": "most records taken from Kafka per poll",
+    "dlq_topic": "dead-letter topic: invalid records and samples the API refused, with the reason in headers",
+    "pending_topic": "topic where buffers of fewer than 3 samples are parked until more samples arrive",
+    "api_url": "Samples API base URL; batches go to {api_url}/samples",
+    "api_token": "Bearer token for the API (prefer STREAM_API_TOKEN_FILE); never logged",
+    "api_token_file": "file holding the Bearer token, re-read when it changes (a mounted Secret)",
+    "api_timeout_seconds": "timeout of one POST to the API",
+    "batch_max_samples": "samples per request, 3..1000; a buffer this full is sent at once",
+    "batch_window_seconds": "a buffer is sent when its oldest sample has waited this long",
+    "min_batch_hold_seconds": "a buffer of 1-2 samples waits this long for more, then is parked in the pending topic",
+    "min_batch_max_age_seconds": "a parked sample older than this goes to the DLQ as below_min_batch",
+    "max_in_flight": "concurrent requests to the API (one per user and data type at a time)",
+    "commit_interval_seconds": "how often done offsets are committed to Kafka",
+    "drain_timeout_seconds": "on SIGTERM, how long to wait for in-flight requests before exiting",
+    "retry_backoff_first_seconds": "first retry delay of a failed request (exponential, full jitter)",
+    "retry_backoff_max_seconds": "cap of the retry delay",
+    "metrics_port": "port of /metrics, /healthz and /readyz (0 disables the server)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _parse_field(field: str, value: str) -> object:
+    if field == "kafka_topics":
+        return tuple(t.strip() for t in value.split(",") if t.strip())
+    return value
+
+
+def load(env: Mapping[str, str] = os.environ, overrides: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, with command-line overrides on top. Raises ConfigError naming the variable."""
+    raw: dict[str, object] = {}
+    for field in Settings.__struct_fields__:
+        name = env_name(field)
+        if name in env and env[name] != "":
+            raw[field] = _parse_field(field, env[name])
+    for field, value in (overrides or {}).items():
+        if value is not None:
+            raw[field] = _parse_field(field, value)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_name_the_variable(str(exc))) from None
+
+
+def _name_the_variable(message: str) -> str:
+    # msgspec says "Expected `int` <= 1000 - at `$.batch_max_samples`"; operators know the variable name.
+    if "- at `$." in message:
+        text, _, path = message.rpartition(" - at `$.")
+        field = path.rstrip("`").split("[")[0]
+        return f"{env_name(field)}: {text}"
+    return message
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; the default shown is the environment's value or the built-in one."""
+    defaults = Settings()
+    for field in Settings.__struct_fields__:
+        default = getattr(defaults, field)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "" if field == "api_token" else f" (default: {default})"
+        parser.add_argument(
+            flag_name(field),
+            dest=field,
+            default=None,
+            metavar=field.upper().split("_")[-1],
+            help=f"{HELP[field]}. Env {env_name(field)}{shown}",
+        )
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, str]:
+    return {f: getattr(args, f) for f in Settings.__struct_fields__ if getattr(args, f, None) is not None}

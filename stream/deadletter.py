@@ -1,0 +1,91 @@
+"""The Kafka producer side: dead letters (with reason and source headers) and parked small buffers.
+
+A write counts only once Kafka acknowledged it: `write` returns a future the pipeline acks offsets on.
+A failed write is retried here, with backoff, for as long as the service runs; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from stream.config import Settings
+from stream.retry import Backoff
+from stream.source import kafka_client_options
+
+log = logging.getLogger("stream.deadletter")
+
+Headers = list[tuple[str, bytes]]
+
+
+def dead_letter_headers(reason: str, message: str, topic: str, partition: int, offset: int) -> Headers:
+    return [
+        ("stream.error.reason", reason.encode()),
+        ("stream.error.message", message.encode("utf-8", errors="replace")[:4000]),
+        ("stream.source.topic", topic.encode()),
+        ("stream.source.partition", str(partition).encode()),
+        ("stream.source.offset", str(offset).encode()),
+    ]
+
+
+PARKED_BORN_HEADER = "stream.parked.born"
+
+
+class KafkaWriter:
+    def __init__(self, settings: Settings) -> None:
+        self._producer = AIOKafkaProducer(
+            **kafka_client_options(settings),
+            acks="all",  # a dead letter or a parked sample must survive a broker loss before we commit past it
+            enable_idempotence=True,  # retries inside the client do not duplicate records
+            linger_ms=5,
+        )
+        self._backoff = Backoff(first=settings.retry_backoff_first_seconds, cap=settings.retry_backoff_max_seconds)
+        self._rng = random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.flush()
+        for task in self._tasks:
+            task.cancel()
+        await self._producer.stop()
+
+    def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> asyncio.Future[None]:
+        """Schedule a write; the future resolves once Kafka acknowledged it (after as many retries as needed)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._write(topic, key, value, headers, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return done
+
+    async def _write(self, topic: str, key: bytes | None, value: bytes, headers: Headers, done) -> None:
+        attempt = 0
+        while True:
+            try:
+                sent = await self._producer.send(topic, value=value, key=key, headers=headers)
+                await sent
+            except KafkaError as exc:
+                delay = self._backoff.delay(attempt, None, self._rng)
+                log.warning(
+                    "kafka write failed, retrying",
+                    extra={"event": "write_retry", "topic": topic, "error": type(exc).__name__, "delay": delay},
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            if not done.done():
+                done.set_result(None)
+            return
+
+    async def flush(self) -> None:
+        await self._producer.flush()
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._tasks)

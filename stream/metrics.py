@@ -1,0 +1,101 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz server. Labels are small fixed sets: never a user id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from stream import __version__
+
+log = logging.getLogger("stream.metrics")
+
+
+class Metrics:
+    """All of the service's series, on a registry of their own so tests can build several."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.build = Info("stream_build", "Version of the running service", registry=r)
+        self.build.info({"version": __version__})
+        self.records = Counter("stream_records_consumed_total", "Kafka records consumed", ["topic"], registry=r)
+        self.samples = Counter(
+            "stream_samples_total",
+            "Samples by outcome: accepted, refused (by the API), dead_lettered, parked",
+            ["outcome", "data_type"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "stream_dead_letters_total", "Records written to the dead-letter topic, by reason", ["reason"], registry=r
+        )
+        self.batches = Counter(
+            "stream_batches_total", "Batches sent, by data type and HTTP status class", ["data_type", "status"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "stream_batch_size_samples", "Samples per request", buckets=(3, 10, 50, 100, 250, 500, 750, 1000),
+            registry=r,
+        )
+        self.flushes = Counter("stream_flushes_total", "Buffers sent, by reason", ["reason"], registry=r)
+        self.request_seconds = Histogram(
+            "stream_request_duration_seconds", "Duration of one POST to the API", registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.retries = Counter("stream_retries_total", "Request retries, by reason", ["reason"], registry=r)
+        self.in_flight = Gauge("stream_in_flight_requests", "Requests to the API in flight", registry=r)
+        self.buffered_samples = Gauge("stream_buffered_samples", "Samples waiting in buffers", registry=r)
+        self.buffers = Gauge("stream_buffers", "Buffers (user and data type pairs) holding samples", registry=r)
+        self.commits = Counter("stream_commits_total", "Offset commits, by result", ["result"], registry=r)
+        self.last_commit = Gauge(
+            "stream_last_commit_timestamp_seconds", "Unix time of the last successful commit", registry=r
+        )
+        self.committed_offset = Gauge(
+            "stream_committed_offset", "Last committed offset", ["topic", "partition"], registry=r
+        )
+        self.rebalances = Counter("stream_rebalances_total", "Partition assignments and revocations", ["kind"],
+                                  registry=r)
+        self.auth_failure = Gauge("stream_api_auth_failure", "1 while the API refuses the token (401/403)",
+                                  registry=r)
+        self.e2e_latency = Histogram(
+            "stream_end_to_end_latency_seconds", "From the record's Kafka timestamp to the API's acceptance",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """/metrics; /healthz answers while the event loop turns (never depends on Kafka or the API);
+    /readyz answers 200 only when `ready()` says so."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], port: int) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", self._serve_health)
+        app.router.add_get("/readyz", self._serve_ready)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "0.0.0.0", self._port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _serve_health(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _serve_ready(self, _: web.Request) -> web.Response:
+        ready, why = self._ready()
+        return web.Response(text=why + "\n", status=200 if ready else 503)

@@ -1,0 +1,355 @@
+"""The loop that wires source -> decode -> batcher -> sink -> offsets -> commit. Owns time, tasks and shutdown.
+
+A record's way through:
+    fetch -> decode_record -> (Rejection -> dead letter) | track offset -> batcher.add
+          -> batcher.poll(now) -> deliver (POST, classify) -> ack offsets -> periodic commit
+Offsets are acknowledged only when the API accepted a sample, or Kafka acknowledged its dead letter or
+its parking in the pending topic; commits never pass an offset that is not done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from aiokafka import ConsumerRecord
+
+from stream.batching import Batch, Batcher, Entry, Small
+from stream.config import Settings
+from stream.deadletter import PARKED_BORN_HEADER, KafkaWriter, dead_letter_headers
+from stream.metrics import Metrics
+from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
+from stream.outcome import Accepted, AuthFailed, Partial, Rejected, Retry
+from stream.retry import Backoff
+from stream.schema import Decoded, Rejection, as_single_event, batch_body, decode_record
+from stream.sink import SamplesSink
+from stream.source import KafkaSource
+
+log = logging.getLogger("stream.pipeline")
+
+FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are checked
+AUTH_RETRY_SECONDS = 10.0  # a refused token is retried slowly: it will not fix itself in milliseconds
+AUTH_LOG_EVERY = 60.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        token: Callable[[], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._wall = wall
+        self.tracker = OffsetTracker()
+        self.batcher = Batcher(
+            settings.batch_max_samples,
+            settings.batch_window_seconds,
+            settings.min_batch_hold_seconds,
+            settings.min_batch_max_age_seconds,
+        )
+        self.source = KafkaSource(settings, self._on_assigned, self._on_revoked)
+        self.writer = KafkaWriter(settings)
+        self.sink = SamplesSink(
+            settings.samples_url,
+            token or settings.read_token,
+            settings.api_timeout_seconds,
+            settings.max_in_flight,
+        )
+        self._backoff = Backoff(settings.retry_backoff_first_seconds, settings.retry_backoff_max_seconds)
+        self._rng = random.Random()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
+        self._next_commit = 0.0
+        self._assigned = False
+        self._auth_failing = False
+        self._last_auth_log = -AUTH_LOG_EVERY
+        self._stopping = asyncio.Event()
+        self._closed = False  # set once the loop has ended: no new work may start
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._assigned:
+            return False, "waiting for the consumer group to assign partitions"
+        if self._auth_failing:
+            return False, "the API refuses the token (401/403)"
+        return True, "ready"
+
+    def stop(self) -> None:
+        """Ask the loop to finish gracefully (signal handlers call this)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self.sink.start()
+        await self.writer.start()
+        await self.source.start()
+        self._next_commit = self._clock() + self.settings.commit_interval_seconds
+        log.info("consuming", extra={"event": "started", "topics": ",".join(self.settings.input_topics)})
+        try:
+            while not self._stopping.is_set():
+                await self._step()
+            await self._drain()
+        finally:
+            self._closed = True
+            for task in self._deliveries:
+                task.cancel()
+            await self.source.stop()
+            await self.writer.stop()
+            await self.sink.close()
+            log.info("stopped", extra={"event": "stopped"})
+
+    async def _step(self) -> None:
+        """One iteration: fetch, ingest, hand out due work, commit when it is time."""
+        fetched = await self.source.fetch(FETCH_TIMEOUT)
+        now, wall = self._clock(), self._wall()
+        for tp, records in fetched.items():
+            state = self.tracker.get(tp) or self.tracker.assign(tp)
+            self.metrics.records.labels(tp.topic).inc(len(records))
+            for record in records:
+                self._ingest(state, record, now, wall)
+        self._dispatch()
+        if now >= self._next_commit:
+            await self._commit()
+            self._next_commit = now + self.settings.commit_interval_seconds
+
+    # -- intake ---------------------------------------------------------------------------------------
+
+    def _ingest(self, state: PartitionOffsets, record: ConsumerRecord, now: float, wall: float) -> None:
+        decoded = decode_record(record.value)
+        if isinstance(decoded, Rejection):
+            state.track(record.offset, 1)
+            self._dead_letter(decoded, state, record.offset, None)
+            return
+        state.track(record.offset, len(decoded.samples) + len(decoded.rejections))
+        for rejection in decoded.rejections:
+            self._dead_letter(rejection, state, record.offset, decoded.data_type)
+        if decoded.samples:
+            self._buffer(decoded, state, record, now, wall)
+
+    def _buffer(self, decoded: Decoded, state: PartitionOffsets, record: ConsumerRecord, now, wall) -> None:
+        born = _parked_born(record) if record.topic == self.settings.pending_topic else None
+        offset = record.offset
+        entries = [Entry(s.start, s.body, state, offset) for s in decoded.samples]
+        self.batcher.add((decoded.user_id, decoded.data_type), entries, now, born if born is not None else wall)
+
+    # -- handing out work -----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._closed:
+            return
+        slots = self.settings.max_in_flight - len(self._deliveries)
+        work = self.batcher.poll(self._clock(), self._wall(), slots)
+        for batch in work.batches:
+            task = asyncio.create_task(self._deliver(batch))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        for small in work.park:
+            self._park(small)
+        for small in work.expire:
+            self._expire(small)
+        self._update_gauges()
+
+    async def _deliver(self, batch: Batch) -> None:
+        user_id, data_type = batch.key
+        body = batch_body(user_id, data_type, [e.body for e in batch.entries])
+        self.metrics.flushes.labels(batch.reason).inc()
+        self.metrics.batch_size.observe(len(batch.entries))
+        attempt = 0
+        try:
+            while True:
+                started = self._clock()
+                self.metrics.in_flight.inc()
+                try:
+                    status, outcome = await self.sink.send(body)
+                finally:
+                    self.metrics.in_flight.dec()
+                self.metrics.request_seconds.observe(self._clock() - started)
+                self.metrics.batches.labels(data_type, _status_class(status)).inc()
+                if isinstance(outcome, Retry | AuthFailed):
+                    delay = self._retry_delay(outcome, attempt)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    continue
+                self._settle(batch, outcome)
+                return
+        finally:
+            self.batcher.done(batch.key, self._clock())
+            self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
+
+    def _retry_delay(self, outcome: Retry | AuthFailed, attempt: int) -> float:
+        if isinstance(outcome, AuthFailed):
+            self._auth_failing = True
+            self.metrics.auth_failure.set(1)
+            self.metrics.retries.labels("auth").inc()
+            now = self._clock()
+            if now - self._last_auth_log >= AUTH_LOG_EVERY:
+                self._last_auth_log = now
+                log.error("the API refuses the token; retrying slowly", extra={"event": "auth_failed",
+                                                                                  "status": outcome.status})
+            return AUTH_RETRY_SECONDS
+        self.metrics.retries.labels(outcome.reason).inc()
+        delay = self._backoff.delay(attempt, outcome.retry_after, self._rng)
+        log.info("request failed, retrying", extra={"event": "retry", "reason": outcome.reason,
+                                                    "attempt": attempt + 1, "delay": round(delay, 3)})
+        return delay
+
+    def _settle(self, batch: Batch, outcome: Accepted | Partial | Rejected) -> None:
+        """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written."""
+        if self._auth_failing:
+            self._auth_failing = False
+            self.metrics.auth_failure.set(0)
+            log.info("the API accepts the token again", extra={"event": "auth_recovered"})
+        user_id, data_type = batch.key
+        entries = batch.entries
+        refused: dict[int, str] = {}
+        if isinstance(outcome, Rejected):
+            refused = dict.fromkeys(range(len(entries)), f"the API answered 400: {outcome.detail}")
+        elif isinstance(outcome, Partial):
+            if outcome.refused is None:
+                log.warning("207 without a list of refused samples", extra={"event": "partial_unlisted",
+                                                                             "data_type": data_type})
+            else:
+                refused = {i: f"the API refused it: {r}" for i, r in outcome.refused.items() if 0 <= i < len(entries)}
+        for index, entry in enumerate(entries):
+            if index in refused:
+                continue
+            entry.source.ack(entry.offset)
+        accepted = len(entries) - len(refused)
+        self.metrics.samples.labels("accepted", data_type).inc(accepted)
+        for index, message in refused.items():
+            entry = entries[index]
+            self.metrics.samples.labels("refused", data_type).inc()
+            value = as_single_event(user_id, data_type, entry.body)
+            self._dead_letter(Rejection("api_rejected", message, value), entry.source, entry.offset, data_type)
+
+    def _park(self, small: Small) -> None:
+        """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
+        user_id, data_type = small.key
+        value = batch_body(user_id, data_type, [e.body for e in small.entries])
+        headers = [(PARKED_BORN_HEADER, repr(small.born).encode())]
+        written = self.writer.write(self.settings.pending_topic, user_id.encode(), value, headers)
+        self.metrics.samples.labels("parked", data_type).inc(len(small.entries))
+        self._ack_when_written(written, [(e.source, e.offset) for e in small.entries])
+
+    def _expire(self, small: Small) -> None:
+        user_id, data_type = small.key
+        age = self._wall() - small.born
+        for entry in small.entries:
+            message = f"only {len(small.entries)} sample(s) of this user and data type in {age:.0f} s"
+            value = as_single_event(user_id, data_type, entry.body)
+            self._dead_letter(Rejection("below_min_batch", message, value), entry.source, entry.offset, data_type)
+
+    def _dead_letter(self, rejection: Rejection, state: PartitionOffsets, offset: int, data_type: str | None) -> None:
+        tp = state.tp
+        headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset)
+        written = self.writer.write(self.settings.dlq_topic, None, rejection.value, headers)
+        self.metrics.dead_letters.labels(rejection.reason).inc()
+        if data_type is not None:
+            self.metrics.samples.labels("dead_lettered", data_type).inc()
+        log.debug("dead letter", extra={"event": "dead_letter", "reason": rejection.reason, "topic": tp.topic,
+                                        "partition": tp.partition, "offset": offset})
+        self._ack_when_written(written, [(state, offset)])
+
+    def _ack_when_written(self, written: asyncio.Future[None], parts: list[tuple[PartitionOffsets, int]]) -> None:
+        self._acks.add(written)
+
+        def ack(_: asyncio.Future[None]) -> None:
+            self._acks.discard(written)
+            if not written.cancelled():
+                for state, offset in parts:
+                    state.ack(offset)
+
+        written.add_done_callback(ack)
+
+    # -- offsets and rebalances -----------------------------------------------------------------------
+
+    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
+        offsets = self.tracker.to_commit(only)
+        if not offsets:
+            return
+        if await self.source.commit(offsets):
+            self.tracker.mark_committed(offsets)
+            self.metrics.commits.labels("ok").inc()
+            self.metrics.last_commit.set(self._wall())
+            for tp, offset in offsets.items():
+                self.metrics.committed_offset.labels(tp.topic, str(tp.partition)).set(offset)
+        else:
+            self.metrics.commits.labels("failed").inc()
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self.tracker.assign(tp)
+        self._assigned = True
+        self.metrics.rebalances.labels("assigned").inc()
+        log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(assigned)})
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Send what can be sent for the revoked partitions, wait (bounded), commit, then forget them."""
+        self.metrics.rebalances.labels("revoked").inc()
+        states = {s for tp in revoked if (s := self.tracker.get(tp)) is not None}
+        if states:
+            self.batcher.flush_keys(self.batcher.keys_with_sources(states), "revoke")
+            self._dispatch()
+            await self._wait_for_work(self.settings.drain_timeout_seconds / 2)
+            await self._commit(set(revoked))
+            self.batcher.drop_sources(states)
+        for tp in revoked:
+            self.tracker.revoke(tp)
+        log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
+
+    async def _wait_for_work(self, timeout: float) -> bool:
+        """Wait until no delivery nor write is outstanding; False when the timeout came first."""
+        deadline = self._clock() + timeout
+        while self._deliveries or self._acks or self.batcher.has_ready:
+            self._dispatch()
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            pending = set(self._deliveries) | set(self._acks)
+            if not pending:
+                continue
+            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    async def _drain(self) -> None:
+        """Graceful stop: send every buffer that can be sent, park the rest, wait (bounded), commit."""
+        log.info("draining", extra={"event": "draining", "buffered": self.batcher.buffered_samples})
+        deadline = self._clock() + self.settings.drain_timeout_seconds
+        self.batcher.flush_all("shutdown")
+        finished = await self._wait_for_work(deadline - self._clock())
+        for small in self.batcher.take_small():
+            self._park(small)
+        finished = await self._wait_for_work(max(0.0, deadline - self._clock())) and finished
+        if not finished:
+            log.warning("drain timeout: unfinished work will be redelivered", extra={"event": "drain_timeout"})
+        await self._commit()
+
+    def _update_gauges(self) -> None:
+        self.metrics.buffered_samples.set(self.batcher.buffered_samples)
+        self.metrics.buffers.set(self.batcher.buffers)
+
+
+def _parked_born(record: ConsumerRecord) -> float | None:
+    for name, value in record.headers or ():
+        if name == PARKED_BORN_HEADER:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
+
+
+def _names(tps: list[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}-{tp.partition}" for tp in sorted(tps))
