@@ -306,18 +306,20 @@ class Pipeline:
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
 
     async def _wait_for_work(self, timeout: float) -> bool:
-        """Wait until no delivery nor write is outstanding; False when the timeout came first."""
+        """Hand out what is ready and wait until no delivery nor write is outstanding.
+
+        False when the timeout came first, or when ready work cannot start (the loop has ended).
+        """
         deadline = self._clock() + timeout
-        while self._deliveries or self._acks or self.batcher.has_ready:
+        while True:
             self._dispatch()
+            pending = self._deliveries | self._acks
+            if not pending:
+                return not self.batcher.has_ready
             left = deadline - self._clock()
             if left <= 0:
                 return False
-            pending = set(self._deliveries) | set(self._acks)
-            if not pending:
-                continue
             await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        return True
 
     async def _drain(self) -> None:
         """Graceful stop: send every buffer that can be sent, park the rest, wait (bounded), commit."""
