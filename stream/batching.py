@@ -66,12 +66,12 @@ class _Buffer:
 def plan_take(n: int, max_samples: int) -> int:
     """How many of n buffered samples the next batch takes, so that no remainder is left below 3.
 
-    1001 with a maximum of 1000 becomes 998 now and 3 next, rather than 1000 and a stranded 1.
+    1001 with a maximum of 1000 becomes 998 now and 3 next, rather than 1000 and a stranded 1. Where no
+    split avoids it (4 with a maximum of 3), the batch is full and the remainder waits for more samples.
     """
     if n <= max_samples:
         return n
-    rest = n - max_samples
-    if rest < MIN_SAMPLES:
+    if n - max_samples < MIN_SAMPLES and n - MIN_SAMPLES >= MIN_SAMPLES:
         return n - MIN_SAMPLES
     return max_samples
 
@@ -104,8 +104,14 @@ class Batcher:
             buffer.born = born
         buffer.entries.extend(entries)
         self._samples += len(entries)
-        if len(buffer.entries) >= self.max_samples and key not in self._in_flight:
+        if key in self._in_flight:
+            return  # done() decides when the key's batch returns
+        size = len(buffer.entries)
+        if size >= self.max_samples:
             self._ready[key] = "full"
+        elif size >= MIN_SAMPLES and now >= buffer.since + self.window:
+            # Its window timer already fired while it was too small to send; it can go now.
+            self._ready.setdefault(key, "window")
 
     # -- decisions ------------------------------------------------------------------------------------
 
@@ -167,9 +173,12 @@ class Batcher:
                 continue
             dropped += len(buffer.entries) - len(kept)
             buffer.entries = kept
-            if not kept and key not in self._in_flight:
-                del self._buffers[key]
+            if not kept:
+                del self._buffers[key]  # done() copes with a key whose buffer is gone
                 self._ready.pop(key, None)
+            else:
+                # What is left may be too small now, or its timers may have fired: have it looked at again.
+                heapq.heappush(self._timers, (buffer.since + self.window, buffer.gen, key))
         self._samples -= dropped
         return dropped
 
@@ -206,7 +215,9 @@ class Batcher:
             buffer = self._buffers.get(key)
             if buffer is None or buffer.gen != gen or key in self._in_flight:
                 continue  # gone, replaced, or re-evaluated by done() when its batch returns
-            if len(buffer.entries) >= MIN_SAMPLES:
+            if not buffer.entries:
+                del self._buffers[key]
+            elif len(buffer.entries) >= MIN_SAMPLES:
                 self._ready.setdefault(key, "window")
             elif now >= buffer.since + self.hold:
                 small = self._remove(key, buffer)

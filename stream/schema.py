@@ -119,7 +119,8 @@ def decode_record(value: bytes | None) -> Decoded | Rejection:
         event = _event_decoder.decode(value)
     except msgspec.ValidationError as exc:
         return _rejection_from_error(str(exc), value)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # Invalid UTF-8 inside a string and absurd nesting surface as Python errors, not DecodeError.
         return Rejection("malformed_json", f"not valid JSON: {exc}", value)
     if event.data is None:
         return _single_sample(event, value)
@@ -156,9 +157,8 @@ def _bundle(event: Event, value: bytes) -> Decoded | Rejection:
             samples.append(outcome)
         else:
             reason, message = outcome
-            rejections.append(
-                Rejection(reason, f"data[{index}]: {message}", as_single_event(event.user_id, event.data_type, raw))
-            )
+            value_out = _replayable(event.user_id, event.data_type, raw)
+            rejections.append(Rejection(reason, f"data[{index}]: {message}", value_out))
     return Decoded(event.user_id, event.data_type, samples, rejections)
 
 
@@ -168,6 +168,8 @@ def _bundle_sample(raw: msgspec.Raw) -> ValidSample | tuple[str, str]:
     except msgspec.ValidationError as exc:
         rejection = _rejection_from_error(str(exc), b"")
         return rejection.reason, rejection.message
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return "malformed_json", f"not valid JSON: {exc}"
     problem = _cross_field_problem(sample)
     if problem is not None:
         return problem
@@ -189,21 +191,36 @@ def _rejection_from_error(message: str, value: bytes) -> Rejection:
     # "Object missing required field `unit` - at `$.data[0]`"; the field names the reason.
     if message.startswith("Object missing required field"):
         return Rejection("missing_field", message, value)
-    if " - at `$" not in message:
+    if " - at `$" not in message:  # the top level itself has the wrong type
         return Rejection("not_an_object", message, value)
+    if "got `null`" in message:  # a required field given as null is as good as missing
+        return Rejection("missing_field", message, value)
     field = message.rpartition("- at `$")[2].strip("`.").split(".")[-1].split("[")[0]
     return Rejection(_FIELD_REASON.get(field, "invalid_field"), message, value)
 
 
-def as_single_event(user_id: str, data_type: str, sample_json: bytes) -> bytes:
-    """A single-sample input event for one sample's JSON object: what the DLQ holds, replayable as input."""
+def as_single_event(user_id: str, data_type: str, sample_body: bytes) -> bytes:
+    """The single-sample input event for a sample this service encoded (ValidSample.body): what the DLQ
+    holds for a sample the API refused or that expired, replayable as input unchanged."""
     head = b'{"user_id":' + _encode(user_id) + b',"data_type":' + _encode(data_type)
-    stripped = bytes(sample_json).strip()
-    if stripped.startswith(b"{"):
-        rest = stripped[1:].lstrip()
-        return head + (b"}" if rest.startswith(b"}") else b"," + rest)
-    # Not an object: nothing to splice into; keep it visible under a field of its own.
-    return head + b',"sample":' + stripped + b"}"
+    rest = sample_body.strip()[1:].lstrip()
+    return head + (rest if rest.startswith(b"}") else b"," + rest)
+
+
+def _replayable(user_id: str, data_type: str, raw: msgspec.Raw) -> bytes:
+    """The dead letter of one invalid bundle element: a single-sample event that replays with the same reason.
+
+    The bundle's user_id and data_type win over stray copies inside the element, and a stray `data` field
+    is dropped so the replay is not read as a bundle. An element that is not an object is kept as it is.
+    """
+    try:
+        element = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return bytes(raw)
+    if not isinstance(element, dict):
+        return bytes(raw)
+    element.pop("data", None)
+    return _encode({**element, "user_id": user_id, "data_type": data_type})
 
 
 def batch_body(user_id: str, data_type: str, bodies: list[bytes]) -> bytes:
