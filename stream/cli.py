@@ -79,6 +79,8 @@ def run_main(argv: list[str]) -> int:
         print(f"stream run: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    for name in config.unknown_variables():
+        log.warning("unknown setting ignored", extra={"event": "unknown_setting", "variable": name})
     return asyncio.run(serve(settings))
 
 

@@ -7,12 +7,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import msgspec
 
 PREFIX = "STREAM_"
 
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=10 * 365 * 86400)]  # finite: "inf" is a typo, not a wish
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -55,8 +56,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(
                 "STREAM_MIN_BATCH_MAX_AGE_SECONDS: must be at least STREAM_MIN_BATCH_HOLD_SECONDS"
             )
-        if not self.api_url.startswith(("http://", "https://")):
-            raise ConfigError(f"STREAM_API_URL: must start with http:// or https://, got {self.api_url!r}")
+        url = urlsplit(self.api_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"STREAM_API_URL: must be an http:// or https:// URL with a host, got {self.api_url!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"STREAM_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {self.log_level!r}")
 
@@ -83,11 +85,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("STREAM_API_TOKEN or STREAM_API_TOKEN_FILE: one of them is required")
         return self.api_token
 
-    def __repr__(self) -> str:
-        # The token must never reach a log line, even through a debug repr.
+    def __rich_repr__(self):
+        yield from self._masked().items()
+
+    def _masked(self) -> dict[str, object]:
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
         if fields["api_token"]:
             fields["api_token"] = "***"
+        return fields
+
+    def __repr__(self) -> str:
+        # The token must never reach a log line, even through a debug repr.
+        fields = self._masked()
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
@@ -128,7 +137,10 @@ def flag_name(field: str) -> str:
 def _parse_field(field: str, value: str) -> object:
     if field == "kafka_topics":
         return tuple(t.strip() for t in value.split(",") if t.strip())
-    return value
+    return value if field in _VERBATIM else value.strip()
+
+
+_VERBATIM = {"api_token"}  # kept exactly as given
 
 
 def load(env: Mapping[str, str] = os.environ, overrides: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +157,19 @@ def load(env: Mapping[str, str] = os.environ, overrides: Mapping[str, str] | Non
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_name_the_variable(str(exc))) from None
+
+
+def unknown_variables(env: Mapping[str, str] = os.environ) -> list[str]:
+    """STREAM_* variables that are no setting (a typo, most likely), for a warning at start.
+
+    Not an error: Kubernetes injects STREAM_SERVICE_HOST, STREAM_PORT_... for a Service named `stream`.
+    """
+    known = {env_name(f) for f in Settings.__struct_fields__} | {"STREAM_CACHE_DIR", "STREAM_SANDBOX_TOKEN",
+                                                                 "STREAM_TEST_BOOTSTRAP"}
+    return sorted(
+        name for name in env
+        if name.startswith(PREFIX) and name not in known and not name.startswith(("STREAM_SERVICE_", "STREAM_PORT"))
+    )
 
 
 def _name_the_variable(message: str) -> str:

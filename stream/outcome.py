@@ -1,9 +1,11 @@
 """What an API response means for a batch: classify(status, headers, body) -> one typed outcome. Pure.
 
-200 accepted everything. 207 accepted some: the refused ones are listed in the body when the API says
-which (`rejected: [{index, reason}]`). 400 refused the whole batch: its samples are dead-lettered, never
-retried. 401/403 mean the token is wrong, not the data: retried slowly, nothing dead-lettered. Everything
-else (408, 425, 429, 5xx, other codes, transport errors) is retried with backoff; nothing is dropped.
+200 (and any other 2xx) accepted everything. 207 accepted some: the refused ones are listed in the body
+when the API says which (`rejected: [{index, reason}]`). 400 refused the whole batch, and so do 413 and
+422, which also speak of the request's content: its samples are dead-lettered, never retried. 401/403
+mean the token is wrong, not the data: retried slowly, nothing dead-lettered. Everything else (408, 425,
+429, 5xx, 3xx, other 4xx such as a 404 from a wrong URL, transport errors) is retried with backoff, so a
+misconfiguration never turns good data into dead letters; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import msgspec
 
 BODY_EXCERPT = 300  # characters of a response body kept in a dead letter's message
+RETRY_AFTER_MAX = 300.0  # seconds: a server asking for longer (or for "inf") is re-asked after this
 
 
 class Accepted(NamedTuple):
@@ -63,10 +66,12 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, now: float | 
         return Accepted()
     if status == 207:
         return Partial(_refused_samples(body))
-    if status == 400:
+    if status in (400, 413, 422):
         return Rejected(excerpt(body))
     if status in (401, 403):
         return AuthFailed(status)
+    if 200 <= status < 300:
+        return Accepted()
     return Retry(f"http_{status}", parse_retry_after(headers.get("Retry-After"), now))
 
 
@@ -91,7 +96,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():  # "²".isdigit() is True too
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -99,4 +104,4 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     reference = now if now is not None else datetime.now(UTC).timestamp()
-    return max(0.0, when.timestamp() - reference)
+    return min(RETRY_AFTER_MAX, max(0.0, when.timestamp() - reference))

@@ -107,6 +107,7 @@ class Decoded(msgspec.Struct, frozen=True):
 
 _event_decoder = msgspec.json.Decoder(Event)
 _sample_decoder = msgspec.json.Decoder(Sample)
+_object_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 _REQUIRED = ("device_name", "start_date", "unit", "value")
 
@@ -214,13 +215,14 @@ def _replayable(user_id: str, data_type: str, raw: msgspec.Raw) -> bytes:
     is dropped so the replay is not read as a bundle. An element that is not an object is kept as it is.
     """
     try:
-        element = msgspec.json.decode(raw)
+        # Field values stay raw: a value that cannot be decoded (1e400) is kept as it was written.
+        element = _object_decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return bytes(raw)
-    if not isinstance(element, dict):
-        return bytes(raw)
     element.pop("data", None)
-    return _encode({**element, "user_id": user_id, "data_type": data_type})
+    element.pop("user_id", None)
+    element.pop("data_type", None)
+    return _encode({"user_id": user_id, "data_type": data_type, **element})
 
 
 def batch_body(user_id: str, data_type: str, bodies: list[bytes]) -> bytes:

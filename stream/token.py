@@ -22,8 +22,8 @@ class TokenSource:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._clock = clock
+        self._stamp = self._file_stamp()  # before reading: a rotation in between is seen at the next check
         self._token = settings.read_token()
-        self._stamp = self._file_stamp()
         self._checked = clock()
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -46,10 +46,10 @@ class TokenSource:
 
     def _reload(self, stamp: tuple[int, int]) -> None:
         try:
-            self._token = self._settings.read_token()
+            token = self._settings.read_token()
         except ConfigError as exc:
             log.warning("token file unreadable, keeping the previous token",
                         extra={"event": "token_reload_failed", "error": str(exc)})
             return
-        self._stamp = stamp
+        self._token, self._stamp = token, stamp
         log.info("API token reloaded from file", extra={"event": "token_reloaded"})

@@ -1,0 +1,471 @@
+"""Batcher: when a (user_id, data_type) buffer leaves, and that no sample is ever lost or sent twice."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from stream.batching import MIN_SAMPLES, Batcher, Entry, Small, Work, plan_take
+
+KEY = ("user-1", "steps")
+OTHER = ("user-2", "bpm")
+WINDOW = 5.0
+HOLD = 30.0
+MAX_AGE = 3600.0
+
+_offsets = itertools.count()
+
+
+def entries(n: int, source: object = "p0", start: float = 0.0) -> list[Entry]:
+    """n samples from one partition, with increasing starts and offsets unique across the test module."""
+    return [Entry(start + i, b'{"i":%d}' % i, source, next(_offsets)) for i in range(n)]
+
+
+def batcher(max_samples: int = 10, window: float = WINDOW, hold: float = HOLD, max_age: float = MAX_AGE) -> Batcher:
+    return Batcher(max_samples, window, hold, max_age)
+
+
+def poll(b: Batcher, now: float, slots: int = 100, wall: float | None = None) -> Work:
+    return b.poll(now, now if wall is None else wall, slots)
+
+
+def nothing(work: Work) -> bool:
+    return work == Work([], [], [])
+
+
+# -- full and window -----------------------------------------------------------------------------------
+
+
+def test_a_full_buffer_leaves_at_once_with_exactly_max_samples():
+    b = batcher(max_samples=10)
+    b.add(KEY, entries(13), now=0.0, born=0.0)
+
+    work = poll(b, now=0.0)
+
+    assert [(batch.key, len(batch.entries), batch.reason) for batch in work.batches] == [(KEY, 10, "full")]
+    assert b.buffered_samples == 3
+
+
+def test_a_buffer_filling_up_over_several_adds_leaves_when_full():
+    b = batcher(max_samples=10)
+    b.add(KEY, entries(6), now=0.0, born=0.0)
+    assert nothing(poll(b, now=0.1))
+
+    b.add(KEY, entries(4), now=0.2, born=0.2)
+
+    assert [len(batch.entries) for batch in poll(b, now=0.2).batches] == [10]
+
+
+def test_a_buffer_leaves_when_its_oldest_sample_has_waited_the_window_not_before():
+    b = batcher()
+    b.add(KEY, entries(2), now=100.0, born=0.0)
+    b.add(KEY, entries(2), now=103.0, born=0.0)
+
+    assert nothing(poll(b, now=100.0 + WINDOW - 1e-6))
+    work = poll(b, now=100.0 + WINDOW)
+
+    assert [(len(batch.entries), batch.reason) for batch in work.batches] == [(4, "window")]
+    assert b.buffered_samples == 0
+
+
+def test_a_batch_is_chronological_by_start_date():
+    b = batcher()
+    shuffled = entries(5, start=0.0)
+    random.Random(3).shuffle(shuffled)
+    b.add(KEY, shuffled[:2], now=0.0, born=0.0)
+    b.add(KEY, entries(2, start=-10.0) + shuffled[2:], now=1.0, born=1.0)
+
+    (batch,) = poll(b, now=WINDOW).batches
+
+    starts = [e.start for e in batch.entries]
+    assert starts == sorted(starts)
+    assert starts[:2] == [-10.0, -9.0]
+
+
+def test_keys_are_batched_separately():
+    b = batcher()
+    b.add(KEY, entries(3), now=0.0, born=0.0)
+    b.add(OTHER, entries(4), now=0.0, born=0.0)
+
+    work = poll(b, now=WINDOW)
+
+    assert sorted((batch.key, len(batch.entries)) for batch in work.batches) == [(KEY, 3), (OTHER, 4)]
+
+
+# -- one batch per key in flight, slots ----------------------------------------------------------------
+
+
+def test_a_keys_second_batch_waits_until_the_first_is_done():
+    b = batcher(max_samples=5)
+    b.add(KEY, entries(5, start=0.0), now=0.0, born=0.0)
+    (first,) = poll(b, now=0.0).batches
+    b.add(KEY, entries(5, start=100.0), now=1.0, born=1.0)
+
+    assert nothing(poll(b, now=1.0))
+    assert nothing(poll(b, now=1.0 + WINDOW + HOLD))
+    assert b.in_flight == 1
+
+    b.done(KEY, now=50.0)
+    (second,) = poll(b, now=50.0).batches
+
+    assert second.reason == "full"
+    assert min(e.start for e in second.entries) > max(e.start for e in first.entries)
+
+
+def test_after_done_a_small_remainder_still_waits_for_its_window():
+    b = batcher(max_samples=5)
+    b.add(KEY, entries(5), now=0.0, born=0.0)
+    poll(b, now=0.0)
+    b.add(KEY, entries(3), now=1.0, born=1.0)
+
+    b.done(KEY, now=2.0)
+
+    assert nothing(poll(b, now=1.0 + WINDOW - 0.01))
+    assert [len(batch.entries) for batch in poll(b, now=1.0 + WINDOW).batches] == [3]
+
+
+def test_other_keys_are_not_blocked_by_a_key_in_flight():
+    b = batcher(max_samples=3)
+    b.add(KEY, entries(3), now=0.0, born=0.0)
+    poll(b, now=0.0)
+
+    b.add(OTHER, entries(3), now=0.5, born=0.5)
+
+    assert [batch.key for batch in poll(b, now=0.5).batches] == [OTHER]
+
+
+def test_slots_limit_how_many_batches_leave_and_the_rest_leave_later():
+    b = batcher(max_samples=3)
+    keys = [(f"user-{i}", "steps") for i in range(5)]
+    for key in keys:
+        b.add(key, entries(3), now=0.0, born=0.0)
+
+    assert nothing(poll(b, now=0.0, slots=0))
+    waves = [[batch.key for batch in poll(b, now=0.0, slots=2).batches] for _ in range(4)]
+
+    assert waves == [keys[0:2], keys[2:4], keys[4:5], []]
+    assert b.buffered_samples == 0
+
+
+# -- plan_take: never leave a remainder below 3 ----------------------------------------------------------
+
+
+def chunks(n: int, max_samples: int) -> list[int]:
+    out = []
+    while n > 0:
+        take = plan_take(n, max_samples)
+        assert take > 0, (n, max_samples)
+        out.append(take)
+        n -= take
+    return out
+
+
+def test_1001_samples_with_a_maximum_of_1000_become_998_then_3():
+    assert chunks(1001, 1000) == [998, 3]
+
+
+@pytest.mark.parametrize("max_samples", [5, 6, 7, 10, 100, 999, 1000])
+def test_every_chunk_of_any_number_of_samples_is_within_3_and_max(max_samples):
+    for n in range(MIN_SAMPLES, 3001):
+        sizes = chunks(n, max_samples)
+
+        assert sum(sizes) == n
+        assert all(MIN_SAMPLES <= size <= max_samples for size in sizes), (n, sizes)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_plan_take_of_fewer_than_3_is_everything_and_the_batcher_never_sends_it(n):
+    assert plan_take(n, 1000) == n
+    b = batcher()
+    b.add(KEY, entries(n), now=0.0, born=0.0)
+    b.flush_all("shutdown")
+
+    assert poll(b, now=HOLD - 1).batches == []
+
+
+@pytest.mark.parametrize("max_samples", [3, 4])
+def test_plan_take_never_takes_fewer_than_3_even_with_a_tiny_maximum(max_samples):
+    # 4 with a maximum of 3 cannot be split into batches of 3..3: the batch is full, 1 waits for more.
+    for n in range(MIN_SAMPLES, 50):
+        assert MIN_SAMPLES <= plan_take(n, max_samples) <= max_samples, n
+
+
+def test_a_batcher_with_max_3_sends_3_and_keeps_the_4th_for_later():
+    b = batcher(max_samples=3)
+    b.add(KEY, entries(4), now=0.0, born=0.0)
+
+    (batch,) = poll(b, now=0.0).batches
+    assert len(batch.entries) == 3
+    assert b.buffered_samples == 1
+
+    b.done(KEY, now=1.0)
+    assert [len(s.entries) for s in poll(b, now=HOLD).park] == [1]
+
+
+# -- buffers of 1-2 samples: hold, park, expire --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_buffer_of_1_or_2_is_never_batched_and_is_parked_after_hold(n):
+    b = batcher()
+    added = entries(n)
+    b.add(KEY, added, now=10.0, born=500.0)
+
+    assert nothing(poll(b, now=10.0 + WINDOW, wall=500.0 + WINDOW))
+    assert nothing(poll(b, now=10.0 + HOLD - 1e-6, wall=500.0 + HOLD))
+    work = poll(b, now=10.0 + HOLD, wall=500.0 + HOLD)
+
+    assert work.batches == [] and work.expire == []
+    assert work.park == [Small(KEY, added, 500.0)]
+    assert b.buffered_samples == 0 and b.buffers == 0
+
+
+def test_a_small_buffer_is_expired_once_born_plus_max_age_is_reached():
+    b = batcher()
+    b.add(KEY, entries(2), now=0.0, born=1000.0)
+    b.add(OTHER, entries(2), now=0.0, born=1000.0 + 1e-3)
+
+    work = poll(b, now=HOLD, wall=1000.0 + MAX_AGE)
+
+    assert [s.key for s in work.expire] == [KEY]
+    assert [s.key for s in work.park] == [OTHER]
+
+
+def test_the_oldest_born_is_kept_when_a_parked_sample_comes_back():
+    b = batcher()
+    b.add(KEY, entries(1), now=0.0, born=2000.0)  # a new sample
+    b.add(KEY, entries(1), now=1.0, born=100.0)  # a parked one, first seen long ago
+
+    (expired,) = poll(b, now=HOLD, wall=100.0 + MAX_AGE).expire
+
+    assert expired.born == 100.0
+    assert len(expired.entries) == 2
+
+
+def test_a_small_buffer_reaching_3_within_the_window_leaves_as_a_batch():
+    b = batcher()
+    b.add(KEY, entries(1), now=0.0, born=0.0)
+    b.add(KEY, entries(2), now=WINDOW - 1, born=0.0)
+
+    work = poll(b, now=WINDOW)
+
+    assert [len(batch.entries) for batch in work.batches] == [3]
+    assert work.park == [] and work.expire == []
+
+
+def test_a_small_buffer_reaching_3_before_hold_is_not_parked():
+    b = batcher()
+    b.add(KEY, entries(1), now=0.0, born=0.0)
+    poll(b, now=WINDOW)  # the window passes with a single sample
+    b.add(KEY, entries(2), now=WINDOW + 1, born=0.0)
+
+    work = poll(b, now=HOLD)
+
+    assert [len(batch.entries) for batch in work.batches] == [3]
+    assert work.park == []
+
+
+def test_a_buffer_reaching_3_after_its_window_leaves_at_the_next_poll():
+    b = batcher()
+    b.add(KEY, entries(1), now=0.0, born=0.0)
+    poll(b, now=WINDOW)
+    b.add(KEY, entries(2), now=WINDOW + 1, born=0.0)
+
+    assert [len(batch.entries) for batch in poll(b, now=WINDOW + 2).batches] == [3]
+
+
+# -- flush, take_small, drop_sources -------------------------------------------------------------------
+
+
+def test_flush_all_sends_every_buffer_of_3_or_more_now_and_keeps_small_ones():
+    b = batcher()
+    b.add(KEY, entries(3), now=0.0, born=0.0)
+    b.add(OTHER, entries(2), now=0.0, born=0.0)
+
+    b.flush_all("shutdown")
+    work = poll(b, now=0.1)
+
+    assert [(batch.key, batch.reason) for batch in work.batches] == [(KEY, "shutdown")]
+    assert [(s.key, len(s.entries)) for s in b.take_small()] == [(OTHER, 2)]
+    assert b.buffered_samples == 0 and b.buffers == 0
+
+
+def test_flush_all_sends_a_key_in_flight_once_its_batch_is_done():
+    b = batcher(max_samples=5)
+    b.add(KEY, entries(5), now=0.0, born=0.0)
+    poll(b, now=0.0)
+    b.add(KEY, entries(3), now=0.1, born=0.1)
+    b.add(OTHER, entries(4), now=0.1, born=0.1)
+
+    b.flush_all("shutdown")
+    assert [batch.key for batch in poll(b, now=0.2).batches] == [OTHER]
+    b.done(KEY, now=0.3)
+
+    assert [(batch.key, batch.reason) for batch in poll(b, now=0.3).batches] == [(KEY, "shutdown")]
+
+
+def test_take_small_leaves_a_key_in_flight_alone():
+    b = batcher(max_samples=3)
+    b.add(KEY, entries(3), now=0.0, born=0.0)
+    poll(b, now=0.0)
+    b.add(KEY, entries(1), now=0.1, born=0.1)
+
+    assert b.take_small() == []
+    b.done(KEY, now=0.2)
+    assert [len(s.entries) for s in b.take_small()] == [1]
+
+
+def test_flush_keys_sends_only_the_given_keys_with_their_reason():
+    b = batcher()
+    b.add(KEY, entries(3, source="p0"), now=0.0, born=0.0)
+    b.add(OTHER, entries(3, source="p1"), now=0.0, born=0.0)
+
+    b.flush_keys(b.keys_with_sources({"p0"}), "revoke")
+
+    assert [(batch.key, batch.reason) for batch in poll(b, now=0.1).batches] == [(KEY, "revoke")]
+
+
+def test_drop_sources_forgets_exactly_the_revoked_partitions_samples():
+    b = batcher()
+    kept = entries(3, source="p1")
+    b.add(KEY, entries(2, source="p0") + kept[:2], now=0.0, born=0.0)
+    b.add(KEY, kept[2:], now=0.5, born=0.5)
+    b.add(OTHER, entries(2, source="p0"), now=0.0, born=0.0)
+
+    assert b.drop_sources({"p0"}) == 4
+
+    assert b.buffered_samples == 3
+    assert b.buffers == 1
+    (batch,) = poll(b, now=WINDOW).batches
+    assert batch.entries == kept
+
+
+def test_drop_sources_of_unknown_partitions_changes_nothing():
+    b = batcher()
+    b.add(KEY, entries(3), now=0.0, born=0.0)
+
+    assert b.drop_sources({"p9"}) == 0
+    assert b.buffered_samples == 3
+
+
+def test_a_ready_buffer_cut_below_3_by_drop_sources_is_still_parked_later():
+    b = batcher()
+    b.add(KEY, entries(2, source="p0") + entries(2, source="p1"), now=0.0, born=0.0)
+    assert nothing(poll(b, now=WINDOW, slots=0))  # ready, but every slot is taken
+    b.drop_sources({"p0"})
+    poll(b, now=WINDOW + 1)
+
+    work = poll(b, now=HOLD + 1)
+
+    assert [len(s.entries) for s in work.park] == [2]
+
+
+def test_a_buffer_emptied_by_drop_sources_is_never_handed_out_empty():
+    b = batcher(max_samples=3)
+    b.add(KEY, entries(3, source="p0"), now=0.0, born=0.0)
+    poll(b, now=0.0)
+    b.add(KEY, entries(1, source="p0"), now=0.1, born=0.1)
+    b.drop_sources({"p0"})
+    b.done(KEY, now=0.2)
+
+    work = poll(b, now=HOLD + 1)
+
+    assert all(s.entries for s in work.park + work.expire + b.take_small())
+
+
+def test_done_for_a_key_without_buffer_is_harmless():
+    b = batcher()
+    b.done(KEY, now=0.0)
+
+    assert nothing(poll(b, now=100.0))
+    assert b.buffered_samples == 0
+
+
+# -- property: no sample lost or duplicated, counter exact ----------------------------------------------
+
+
+@pytest.mark.parametrize("max_samples", [3, 7])
+def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter_exact(max_samples):
+    rng = random.Random(20231101 + max_samples)
+    window, hold, max_age = 2.0, 6.0, 20.0
+    b = Batcher(max_samples, window, hold, max_age)
+    keys = [("u1", "steps"), ("u1", "bpm"), ("u2", "steps"), ("u3", "bpm")]
+    sources = ["p0", "p1", "p2"]
+
+    added: dict[int, Entry] = {}
+    buffered: set[int] = set()  # the model: offsets that must still be in the batcher
+    fate: dict[int, str] = {}  # offset -> batch | park | expire | drop
+    in_flight: set[tuple[str, str]] = set()
+    now = 0.0
+
+    def hand_out(offsets: list[int], where: str) -> None:
+        for offset in offsets:
+            assert offset in buffered, f"{offset} handed out twice or never added"
+            assert offset not in fate
+            buffered.discard(offset)
+            fate[offset] = where
+
+    def take_small() -> None:  # shutdown parks every small buffer, whatever its age
+        for small in b.take_small():
+            assert 0 < len(small.entries) < MIN_SAMPLES
+            hand_out([e.offset for e in small.entries], "park")
+
+    def take(work: Work) -> None:
+        for batch in work.batches:
+            assert batch.key not in in_flight, "two batches of one key in flight"
+            assert MIN_SAMPLES <= len(batch.entries) <= max_samples
+            assert [e.start for e in batch.entries] == sorted(e.start for e in batch.entries)
+            in_flight.add(batch.key)
+            hand_out([e.offset for e in batch.entries], "batch")
+        for small in work.park + work.expire:
+            assert 0 < len(small.entries) < MIN_SAMPLES
+        for small in work.park:
+            assert now < small.born + max_age
+            hand_out([e.offset for e in small.entries], "park")
+        for small in work.expire:
+            assert now >= small.born + max_age
+            hand_out([e.offset for e in small.entries], "expire")
+
+    for _ in range(20000):
+        now += rng.choice([0.0, 0.0, 0.1, 0.5, 1.0, 3.0])
+        op = rng.random()
+        if op < 0.40:
+            source = rng.choice(sources)
+            new = [Entry(rng.uniform(0, 1e6), b"{}", source, len(added) + i) for i in range(rng.randint(1, 9))]
+            for e in new:
+                added[e.offset] = e
+                buffered.add(e.offset)
+            b.add(rng.choice(keys), new, now, now - rng.choice([0.0, 0.0, 15.0]))
+        elif op < 0.75:
+            take(b.poll(now, now, rng.randint(0, 3)))
+        elif op < 0.92:
+            if in_flight:
+                key = rng.choice(sorted(in_flight))
+                in_flight.discard(key)
+                b.done(key, now)
+        elif op < 0.96:
+            revoked = {rng.choice(sources)}
+            gone = [o for o in buffered if added[o].source in revoked]
+            assert b.drop_sources(revoked) == len(gone)
+            hand_out(gone, "drop")
+        elif op < 0.98:
+            b.flush_keys({rng.choice(keys)}, "revoke")
+        else:
+            take_small()
+        assert b.buffered_samples == len(buffered)
+
+    # Shut down: everything still buffered comes out exactly once.
+    b.flush_all("shutdown")
+    while in_flight or b.has_ready:
+        for key in sorted(in_flight):
+            in_flight.discard(key)
+            b.done(key, now)
+        take(b.poll(now, now, 100))
+    take_small()
+
+    assert buffered == set()
+    assert b.buffered_samples == 0
+    assert set(fate) == set(added)
+    assert {"batch", "park", "expire", "drop"} <= set(fate.values())  # the run exercised every fate
