@@ -40,10 +40,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     min_batch_hold_seconds: Seconds = 30.0
     min_batch_max_age_seconds: Seconds = 86400.0
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    max_requests_per_second: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
+    max_buffered_samples: Annotated[int, msgspec.Meta(ge=1000)] = 200_000
     commit_interval_seconds: Seconds = 5.0
     drain_timeout_seconds: Seconds = 30.0
     retry_backoff_first_seconds: Seconds = 0.5
     retry_backoff_max_seconds: Seconds = 30.0
+    retry_max_seconds: Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)] = 900.0
     metrics_port: Port = 9090
     log_level: str = "INFO"
 
@@ -117,6 +120,10 @@ HELP: dict[str, str] = {
     "min_batch_hold_seconds": "a buffer of 1-2 samples waits this long for more, then is parked in the pending topic",
     "min_batch_max_age_seconds": "a parked sample older than this goes to the DLQ as below_min_batch",
     "max_in_flight": "concurrent requests to the API (one per user and data type at a time)",
+    "max_requests_per_second": "ceiling on requests per second to the API (0: none)",
+    "max_buffered_samples": "samples held in memory (buffered and in flight) before fetching pauses",
+    "retry_max_seconds": "a batch failing this long while other batches succeed is dead-lettered as "
+    "retry_exhausted (0: retry forever)",
     "commit_interval_seconds": "how often done offsets are committed to Kafka",
     "drain_timeout_seconds": "on SIGTERM, how long to wait for in-flight requests before exiting",
     "retry_backoff_first_seconds": "first retry delay of a failed request (exponential, full jitter)",

@@ -58,6 +58,14 @@ class Metrics:
                                   registry=r)
         self.auth_failure = Gauge("stream_api_auth_failure", "1 while the API refuses the token (401/403)",
                                   registry=r)
+        self.retrying_batches = Gauge("stream_retrying_batches", "Batches that failed and are being retried",
+                                      registry=r)
+        self.oldest_retry = Gauge("stream_oldest_retry_seconds", "How long the oldest retrying batch has been failing",
+                                  registry=r)
+        self.concurrency = Gauge("stream_request_concurrency_limit",
+                                 "Requests allowed in flight now (lowered while the API is overloaded)", registry=r)
+        self.paused = Gauge("stream_fetch_paused", "1 while fetching is paused because too many samples are held",
+                            registry=r)
         self.e2e_latency = Histogram(
             "stream_end_to_end_latency_seconds", "From the record's Kafka timestamp to the API's acceptance",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,

@@ -8,6 +8,7 @@ lowest offset not yet done, or the last offset seen + 1 when all are done. Offse
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from typing import NamedTuple
 
@@ -36,12 +37,22 @@ class PartitionOffsets:
 
     def track(self, offset: int, parts: int) -> None:
         """A fetched record that becomes done after `parts` acknowledgements (0: done already)."""
-        if self._seen is not None and offset <= self._seen:
-            return  # a redelivery within one assignment (e.g. after a seek): already tracked
-        self._seen = offset
-        if parts > 0:
-            self._order.append(offset)
-            self._remaining[offset] = parts
+        if self._seen is None or offset > self._seen:
+            self._seen = offset
+            if parts > 0:
+                self._order.append(offset)
+                self._remaining[offset] = parts
+        elif parts > 0:
+            self._track_again(offset, parts)
+
+    def _track_again(self, offset: int, parts: int) -> None:
+        # The record comes again within one assignment (the client rewound its position): its new parts
+        # must hold commits back like the first ones, or a commit could pass samples still in memory.
+        if offset in self._remaining:
+            self._remaining[offset] += parts
+            return
+        self._remaining[offset] = parts
+        self._order.insert(bisect.bisect_left(self._order, offset), offset)
 
     def ack(self, offset: int, parts: int = 1) -> None:
         if self.closed:

@@ -20,19 +20,20 @@ from aiokafka import ConsumerRecord
 from stream.batching import Batch, Batcher, Entry, Small
 from stream.config import Settings
 from stream.deadletter import PARKED_BORN_HEADER, KafkaWriter, dead_letter_headers
+from stream.delivery import Delivery, Exhausted, Final
 from stream.metrics import Metrics
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
-from stream.outcome import Accepted, AuthFailed, Partial, Rejected, Retry
+from stream.outcome import Partial, Rejected
 from stream.retry import Backoff
 from stream.schema import Decoded, Rejection, as_single_event, batch_body, decode_record
 from stream.sink import SamplesSink
 from stream.source import KafkaSource
+from stream.throttle import Gate, Throttle
 
 log = logging.getLogger("stream.pipeline")
 
 FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are checked
-AUTH_RETRY_SECONDS = 10.0  # a refused token is retried slowly: it will not fix itself in milliseconds
-AUTH_LOG_EVERY = 60.0
+RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
 
 
 class Pipeline:
@@ -63,14 +64,21 @@ class Pipeline:
             settings.api_timeout_seconds,
             settings.max_in_flight,
         )
-        self._backoff = Backoff(settings.retry_backoff_first_seconds, settings.retry_backoff_max_seconds)
-        self._rng = random.Random()
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self.gate = Gate(Throttle(settings.max_in_flight, settings.max_requests_per_second), clock)
+        self.delivery = Delivery(
+            self.sink,
+            self.gate,
+            Backoff(settings.retry_backoff_first_seconds, settings.retry_backoff_max_seconds),
+            self.metrics,
+            settings.retry_max_seconds,
+            clock,
+            random.Random(),
+        )
+        self._deliveries: dict[asyncio.Task[None], Batch] = {}
+        self._in_flight_samples = 0
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
         self._next_commit = 0.0
         self._assigned = False
-        self._auth_failing = False
-        self._last_auth_log = -AUTH_LOG_EVERY
         self._stopping = asyncio.Event()
         self._closed = False  # set once the loop has ended: no new work may start
 
@@ -79,7 +87,9 @@ class Pipeline:
     def ready(self) -> tuple[bool, str]:
         if not self._assigned:
             return False, "waiting for the consumer group to assign partitions"
-        if self._auth_failing:
+        if not self.source.connected():
+            return False, "cannot reach the Kafka group coordinator"
+        if self.delivery.auth_failing:
             return False, "the API refuses the token (401/403)"
         return True, "ready"
 
@@ -99,7 +109,7 @@ class Pipeline:
             await self._drain()
         finally:
             self._closed = True
-            for task in self._deliveries:
+            for task in list(self._deliveries):
                 task.cancel()
             await self.source.stop()
             await self.writer.stop()
@@ -111,14 +121,31 @@ class Pipeline:
         fetched = await self.source.fetch(FETCH_TIMEOUT)
         now, wall = self._clock(), self._wall()
         for tp, records in fetched.items():
-            state = self.tracker.get(tp) or self.tracker.assign(tp)
+            state = self.tracker.get(tp)
+            if state is None:
+                # Fetched under an assignment that has since been revoked: the new owner reads them again.
+                continue
             self.metrics.records.labels(tp.topic).inc(len(records))
             for record in records:
                 self._ingest(state, record, now, wall)
         self._dispatch()
+        self._apply_backpressure()
         if now >= self._next_commit:
             await self._commit()
             self._next_commit = now + self.settings.commit_interval_seconds
+
+    def _apply_backpressure(self) -> None:
+        """Pause fetching while too many samples are held; polling goes on, so the group keeps us."""
+        held = self.batcher.buffered_samples + self._in_flight_samples
+        limit = self.settings.max_buffered_samples
+        if held >= limit and not self.source.paused:
+            self.source.pause()
+            self.metrics.paused.set(1)
+            log.warning("fetching paused: too many samples held", extra={"event": "backpressure_on", "held": held})
+        elif held < limit * RESUME_AT and self.source.paused:
+            self.source.resume()
+            self.metrics.paused.set(0)
+            log.info("fetching resumed", extra={"event": "backpressure_off", "held": held})
 
     # -- intake ---------------------------------------------------------------------------------------
 
@@ -145,73 +172,51 @@ class Pipeline:
     def _dispatch(self) -> None:
         if self._closed:
             return
-        slots = self.settings.max_in_flight - len(self._deliveries)
+        # A batch asleep in backoff holds no slot: a failing key never stops the others.
+        slots = self.settings.max_in_flight - (len(self._deliveries) - self.delivery.backing_off)
         work = self.batcher.poll(self._clock(), self._wall(), slots)
         for batch in work.batches:
             task = asyncio.create_task(self._deliver(batch))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+            self._deliveries[task] = batch
+            self._in_flight_samples += len(batch.entries)
+            task.add_done_callback(self._delivery_done)
         for small in work.park:
             self._park(small)
         for small in work.expire:
             self._expire(small)
         self._update_gauges()
 
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        batch = self._deliveries.pop(task)
+        self._in_flight_samples -= len(batch.entries)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery failed unexpectedly", exc_info=task.exception(), extra={"event": "delivery_error"})
+
     async def _deliver(self, batch: Batch) -> None:
         user_id, data_type = batch.key
         body = batch_body(user_id, data_type, [e.body for e in batch.entries])
         self.metrics.flushes.labels(batch.reason).inc()
         self.metrics.batch_size.observe(len(batch.entries))
-        attempt = 0
         try:
-            while True:
-                started = self._clock()
-                self.metrics.in_flight.inc()
-                try:
-                    status, outcome = await self.sink.send(body)
-                finally:
-                    self.metrics.in_flight.dec()
-                self.metrics.request_seconds.observe(self._clock() - started)
-                self.metrics.batches.labels(data_type, _status_class(status)).inc()
-                if isinstance(outcome, Retry | AuthFailed):
-                    delay = self._retry_delay(outcome, attempt)
-                    attempt += 1
-                    await asyncio.sleep(delay)
-                    continue
-                self._settle(batch, outcome)
-                return
+            self._settle(batch, await self.delivery.send(body, data_type))
         finally:
             self.batcher.done(batch.key, self._clock())
             self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
 
-    def _retry_delay(self, outcome: Retry | AuthFailed, attempt: int) -> float:
-        if isinstance(outcome, AuthFailed):
-            self._auth_failing = True
-            self.metrics.auth_failure.set(1)
-            self.metrics.retries.labels("auth").inc()
-            now = self._clock()
-            if now - self._last_auth_log >= AUTH_LOG_EVERY:
-                self._last_auth_log = now
-                log.error("the API refuses the token; retrying slowly", extra={"event": "auth_failed",
-                                                                                  "status": outcome.status})
-            return AUTH_RETRY_SECONDS
-        self.metrics.retries.labels(outcome.reason).inc()
-        delay = self._backoff.delay(attempt, outcome.retry_after, self._rng)
-        log.info("request failed, retrying", extra={"event": "retry", "reason": outcome.reason,
-                                                    "attempt": attempt + 1, "delay": round(delay, 3)})
-        return delay
-
-    def _settle(self, batch: Batch, outcome: Accepted | Partial | Rejected) -> None:
+    def _settle(self, batch: Batch, outcome: Final) -> None:
         """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written."""
-        if self._auth_failing:
-            self._auth_failing = False
-            self.metrics.auth_failure.set(0)
-            log.info("the API accepts the token again", extra={"event": "auth_recovered"})
         user_id, data_type = batch.key
         entries = batch.entries
         refused: dict[int, str] = {}
+        reason = "api_rejected"
         if isinstance(outcome, Rejected):
-            refused = dict.fromkeys(range(len(entries)), f"the API answered 400: {outcome.detail}")
+            refused = dict.fromkeys(range(len(entries)), f"the API refused the batch: {outcome.detail}")
+        elif isinstance(outcome, Exhausted):
+            reason = "retry_exhausted"
+            refused = dict.fromkeys(range(len(entries)), outcome.detail)
+            log.error("batch dead-lettered after failing too long", extra={"event": "retry_exhausted",
+                                                                           "data_type": data_type,
+                                                                           "samples": len(entries)})
         elif isinstance(outcome, Partial):
             if outcome.refused is None:
                 log.warning("207 without a list of refused samples", extra={"event": "partial_unlisted",
@@ -219,17 +224,15 @@ class Pipeline:
             else:
                 refused = {i: f"the API refused it: {r}" for i, r in outcome.refused.items() if 0 <= i < len(entries)}
         for index, entry in enumerate(entries):
-            if index in refused:
-                continue
-            entry.source.ack(entry.offset)
-        accepted = len(entries) - len(refused)
-        self.metrics.samples.labels("accepted", data_type).inc(accepted)
+            if index not in refused:
+                entry.source.ack(entry.offset)
+        self.metrics.samples.labels("accepted", data_type).inc(len(entries) - len(refused))
         for index, message in refused.items():
             entry = entries[index]
-            self.metrics.samples.labels("refused", data_type).inc()
+            if reason == "api_rejected":
+                self.metrics.samples.labels("refused", data_type).inc()
             value = as_single_event(user_id, data_type, entry.body)
-            self._dead_letter(Rejection("api_rejected", message, value), entry.source, entry.offset, data_type)
-
+            self._dead_letter(Rejection(reason, message, value), entry.source, entry.offset, data_type)
     def _park(self, small: Small) -> None:
         """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
         user_id, data_type = small.key
@@ -287,6 +290,8 @@ class Pipeline:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             self.tracker.assign(tp)
+        if self.source.paused:
+            self.source.pause()  # newly assigned partitions wait too while memory is full
         self._assigned = True
         self.metrics.rebalances.labels("assigned").inc()
         log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(assigned)})
@@ -298,24 +303,34 @@ class Pipeline:
         if states:
             self.batcher.flush_keys(self.batcher.keys_with_sources(states), "revoke")
             self._dispatch()
-            await self._wait_for_work(self.settings.drain_timeout_seconds / 2)
+            # Bounded well below the rebalance timeout, so the group is not held up by a failing API.
+            await self._wait_for_work(self.settings.drain_timeout_seconds / 2, only=states)
             await self._commit(set(revoked))
             self.batcher.drop_sources(states)
+            self._cancel_deliveries_of(states)
         for tp in revoked:
             self.tracker.revoke(tp)
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
 
-    async def _wait_for_work(self, timeout: float) -> bool:
-        """Hand out what is ready and wait until no delivery nor write is outstanding.
+    def _cancel_deliveries_of(self, states: set[PartitionOffsets]) -> None:
+        """Stop retrying batches whose samples all belong to revoked partitions: their new owner sends them."""
+        for task, batch in list(self._deliveries.items()):
+            if all(e.source in states for e in batch.entries):
+                task.cancel()
 
-        False when the timeout came first, or when ready work cannot start (the loop has ended).
-        """
+    async def _wait_for_work(self, timeout: float, only: set[PartitionOffsets] | None = None) -> bool:
+        """Hand out what is ready and wait until no delivery nor write is outstanding (of `only` these
+        partitions, when given). False when the timeout came first, or when ready work cannot start."""
         deadline = self._clock() + timeout
         while True:
             self._dispatch()
-            pending = self._deliveries | self._acks
+            pending: set[asyncio.Future] = set(self._acks)
+            pending.update(
+                task for task, batch in self._deliveries.items()
+                if only is None or any(e.source in only for e in batch.entries)
+            )
             if not pending:
-                return not self.batcher.has_ready
+                return only is not None or not self.batcher.has_ready
             left = deadline - self._clock()
             if left <= 0:
                 return False
@@ -337,6 +352,9 @@ class Pipeline:
     def _update_gauges(self) -> None:
         self.metrics.buffered_samples.set(self.batcher.buffered_samples)
         self.metrics.buffers.set(self.batcher.buffers)
+        self.metrics.retrying_batches.set(len(self.delivery.retrying))
+        self.metrics.oldest_retry.set(self.delivery.oldest_retry_age())
+        self.metrics.concurrency.set(self.gate.throttle.concurrency)
 
 
 def _parked_born(record: ConsumerRecord) -> float | None:
@@ -347,10 +365,6 @@ def _parked_born(record: ConsumerRecord) -> float | None:
             except ValueError:
                 return None
     return None
-
-
-def _status_class(status: int | None) -> str:
-    return "error" if status is None else f"{status // 100}xx"
 
 
 def _names(tps: list[TopicPartition]) -> str:

@@ -40,6 +40,7 @@ REASONS: dict[str, str] = {
     "empty_bundle": "a bundle event whose data array is empty",
     "below_min_batch": "fewer than 3 samples of a user and data type arrived before the maximum age",
     "api_rejected": "the Samples API refused the sample (400, or listed as refused in a 207)",
+    "retry_exhausted": "the API kept failing this batch for STREAM_RETRY_MAX_SECONDS while accepting others",
 }
 
 _FIELD_REASON = {

@@ -47,6 +47,7 @@ class KafkaSource:
             max_poll_records=settings.kafka_max_poll_records,
         )
         self._listener = _Listener(on_assigned, on_revoked)
+        self.paused = False
 
     async def start(self) -> None:
         self._consumer.subscribe(list(self._settings.input_topics), listener=self._listener)
@@ -69,6 +70,20 @@ class KafkaSource:
             log.warning("commit failed", extra={"event": "commit_failed", "error": type(exc).__name__})
             return False
         return True
+
+    def pause(self) -> None:
+        """Stop fetching every assigned partition (getmany goes on, so heartbeats and the group go on)."""
+        self.paused = True
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        self.paused = False
+        self._consumer.resume(*self._consumer.assignment())
+
+    def connected(self) -> bool:
+        """Whether the group coordinator is known: False while the brokers cannot be reached."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return coordinator is not None and getattr(coordinator, "coordinator_id", None) is not None
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment()}

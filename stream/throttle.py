@@ -58,7 +58,8 @@ class Throttle:
         if self.rate <= 0:
             return 0.0
         self._refill(now)
-        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+        # A hair's tolerance: float error must not leave a wait too small to move the clock.
+        return 0.0 if self._tokens >= 1.0 - 1e-9 else (1.0 - self._tokens) / self.rate
 
     def take(self, now: float) -> None:
         """A request starts now (after wait_time said 0)."""

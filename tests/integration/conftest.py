@@ -175,6 +175,14 @@ async def all_committed(bootstrap: str, group: str, topic: str) -> bool:
     return all(committed.get(p, 0) >= end for p, end in ends.items() if end > 0)
 
 
+async def all_done(bootstrap: str, topics: Topics) -> bool:
+    """Input and pending topics committed to their ends: every sample accepted, dead-lettered or... nothing
+    left parked either (a parked buffer is a record of the pending topic not yet consumed back)."""
+    return await all_committed(bootstrap, topics.group, topics.samples) and await all_committed(
+        bootstrap, topics.group, topics.pending
+    )
+
+
 class DeadLetter(msgspec.Struct):
     value: bytes
     headers: dict[str, str]

@@ -11,6 +11,7 @@ from stream.schema import Decoded, decode_record
 
 from .conftest import (
     all_committed,
+    all_done,
     committed_offsets,
     end_offsets,
     eventually,
@@ -44,7 +45,7 @@ async def test_samples_the_api_refuses_are_dead_lettered_and_the_rest_accepted(k
     await produce(kafka, topics.samples, good + buggy_a + buggy_b)
 
     async with running(make_settings(kafka, topics, sandbox.url, batch_window_seconds=1.0)):
-        await eventually(lambda: all_committed(kafka, topics.group, topics.samples), what="all records done")
+        await eventually(lambda: all_done(kafka, topics), what="all records done")
         dead = await read_topic(kafka, topics.dlq, expected=7)
 
     stats = await sandbox_stats(sandbox)
@@ -84,7 +85,7 @@ async def test_offsets_are_not_committed_while_the_api_has_not_accepted(kafka, t
         assert not await all_committed(kafka, topics.group, topics.samples)
 
         await set_faults(sandbox)  # the API recovers
-        await eventually(lambda: all_committed(kafka, topics.group, topics.samples), what="commit after recovery")
+        await eventually(lambda: all_done(kafka, topics), what="commit after recovery")
 
     stats = await sandbox_stats(sandbox)
     assert stats["accepted_samples"] == 10

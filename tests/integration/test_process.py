@@ -19,7 +19,7 @@ from stream.generate import WearableData, produce
 
 from .conftest import (
     accepted_identities,
-    all_committed,
+    all_done,
     eventually,
     make_settings,
     sample_identity,
@@ -102,7 +102,7 @@ async def test_sigkill_mid_run_then_restart_loses_no_sample(kafka, topics, sandb
 
     second = start_service(env)
     try:
-        await eventually(lambda: all_committed(kafka, topics.group, topics.samples), timeout=120,
+        await eventually(lambda: all_done(kafka, topics), timeout=120,
                          what="the restarted service to finish")
         second.send_signal(signal.SIGTERM)
         assert await wait_exit(second, 30) == 0
@@ -137,7 +137,7 @@ async def test_sigterm_drains_commits_and_exits_zero(kafka, topics, sandbox):
         service.kill()
     assert code == 0, log_tail(service)
     # Everything that could make a batch was sent at shutdown; the rest was parked, and all was committed.
-    assert await all_committed(kafka, topics.group, topics.samples)
+    assert await all_done(kafka, topics)
     accepted = Counter(await accepted_identities(sandbox))
     assert accepted == expected
 

@@ -98,12 +98,34 @@ def test_extra_or_unknown_acks_move_nothing():
     assert state.pending == 1
 
 
-def test_a_redelivered_offset_is_not_tracked_twice():
-    state = partition(0, 1, parts=1)
-    state.track(0, 5)  # after a seek, within one assignment
-
+def test_a_record_fetched_again_after_a_rewind_holds_the_commit_until_its_copy_is_done():
+    # Offsets 0..2 seen; 0 is done, 1 and 2 pending. The client rewinds to 0 and delivers 0 and 1 again:
+    # the copies sit in memory too, so nothing may be committed past 0 until they are done.
+    state = partition(0, 1, 2, parts=1)
     state.ack(0)
     assert state.committable() == 1
+    state.track(0, 1)
+    state.track(1, 1)
+    assert state.committable() == 0
+    state.ack(0)
+    state.ack(1)
+    assert state.committable() == 1  # the first copy of 1 is still pending
+    state.ack(1)
+    state.ack(2)
+    assert state.committable() == 3
+
+
+def test_records_seen_only_after_a_rewind_are_tracked_in_order():
+    state = PartitionOffsets(TopicPartition("t", 0))
+    state.track(880, 1)  # a stale record from before the rewind
+    for offset in range(860, 880):
+        state.track(offset, 1)
+    assert state.committable() == 860
+    state.ack(880)
+    assert state.committable() == 860
+    for offset in range(860, 880):
+        state.ack(offset)
+    assert state.committable() == 881
 
 
 def test_an_ack_after_revoke_moves_nothing_and_a_reassigned_partition_starts_fresh():

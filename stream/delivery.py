@@ -1,0 +1,178 @@
+"""One batch body to a final outcome: throttled requests, retries with backoff, auth failures, giving up.
+
+Final outcomes are Accepted, Partial, Rejected (the API decided) and Exhausted (this batch kept failing
+for STREAM_RETRY_MAX_SECONDS while the API accepted other batches: a poison batch, not an outage). Until
+then every failure is retried: 401/403 pause all requests and probe slowly with one at a time; 429, 503,
+504 and timeouts lower the concurrency for everyone and honour Retry-After for everyone; a batch that
+sleeps in backoff does not hold a request slot, so other keys keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import NamedTuple
+
+from stream.metrics import Metrics
+from stream.outcome import Accepted, AuthFailed, Partial, Rejected, Retry
+from stream.retry import Backoff
+from stream.sink import SamplesSink
+from stream.throttle import Gate
+
+log = logging.getLogger("stream.delivery")
+
+AUTH_PAUSE_SECONDS = 5.0  # between probes while the token is refused: slow, yet a rotated token is seen soon
+# Signs that the API (or the way to it) is overloaded: everyone slows down, not just this batch.
+OVERLOAD_REASONS = frozenset(
+    {"http_429", "http_503", "http_504", "timeout", "ClientConnectorError", "ServerDisconnectedError"}
+)
+LOG_EVERY = 60.0  # seconds between two log lines about the same ongoing trouble
+
+
+class Exhausted(NamedTuple):
+    """Given up after STREAM_RETRY_MAX_SECONDS; `detail` says what the last failure was."""
+
+    detail: str
+
+
+Final = Accepted | Partial | Rejected | Exhausted
+
+
+class _Every:
+    """At most one log line per `period` for an ongoing condition, counting what was not logged."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._last = float("-inf")
+        self.suppressed = 0
+
+    def due(self, now: float) -> bool:
+        if now - self._last >= self.period:
+            self._last = now
+            return True
+        self.suppressed += 1
+        return False
+
+
+class Delivery:
+    def __init__(
+        self,
+        sink: SamplesSink,
+        gate: Gate,
+        backoff: Backoff,
+        metrics: Metrics,
+        retry_max_seconds: float,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sink = sink
+        self._gate = gate
+        self._backoff = backoff
+        self._metrics = metrics
+        self._retry_max = retry_max_seconds
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.backing_off = 0  # batches asleep between two attempts (they hold no request slot)
+        self.retrying: dict[int, float] = {}  # id of a failing batch -> when it first failed
+        self.auth_failing = False
+        self.last_success = float("-inf")
+        self._auth_log = _Every(LOG_EVERY)
+        self._retry_log = _Every(LOG_EVERY)
+
+    async def send(self, body: bytes, data_type: str) -> Final:
+        first_failure: float | None = None
+        attempt = 0
+        ticket = id(body)
+        try:
+            while True:
+                outcome, status = await self._attempt(body)
+                self._metrics.batches.labels(data_type, _status_class(status)).inc()
+                if not isinstance(outcome, Retry | AuthFailed):
+                    self._on_success()
+                    return outcome
+                now = self._clock()
+                if isinstance(outcome, AuthFailed):
+                    self._on_auth_failure(outcome, now)
+                    continue  # the gate holds every request until the pause is over
+                if first_failure is None:
+                    first_failure = now
+                    self.retrying[ticket] = now
+                if self._should_give_up(first_failure, now):
+                    return Exhausted(f"gave up after {now - first_failure:.0f} s of {outcome.reason}")
+                await self._back_off(outcome, attempt, now)
+                attempt += 1
+        finally:
+            self.retrying.pop(ticket, None)
+
+    async def _attempt(self, body: bytes):
+        async with self._gate:
+            self._metrics.in_flight.inc()
+            started = self._clock()
+            try:
+                status, outcome = await self._sink.send(body)
+            finally:
+                self._metrics.in_flight.dec()
+                self._metrics.request_seconds.observe(self._clock() - started)
+        return outcome, status
+
+    def _on_success(self) -> None:
+        self.last_success = self._clock()
+        self._gate.throttle.on_success()
+        if self.auth_failing:
+            self.auth_failing = False
+            self._metrics.auth_failure.set(0)
+            log.warning("the API accepts the token again", extra={"event": "auth_recovered"})
+        self._gate.notify()
+
+    def _on_auth_failure(self, outcome: AuthFailed, now: float) -> None:
+        self.auth_failing = True
+        self._metrics.auth_failure.set(1)
+        self._metrics.retries.labels("auth").inc()
+        throttle = self._gate.throttle
+        throttle.pause(now, AUTH_PAUSE_SECONDS)
+        throttle.limit = 1.0  # probe with one request at a time until the token works again
+        if self._auth_log.due(now):
+            log.error(
+                "the API refuses the token; nothing is dead-lettered or committed, retrying every "
+                f"{AUTH_PAUSE_SECONDS:.0f} s",
+                extra={"event": "auth_failed", "status": outcome.status},
+            )
+        self._gate.notify()
+
+    def _should_give_up(self, first_failure: float, now: float) -> bool:
+        # Only a batch that fails while others succeed is poison; during an outage everything waits.
+        return (
+            self._retry_max > 0
+            and now - first_failure >= self._retry_max
+            and self.last_success > first_failure
+        )
+
+    async def _back_off(self, outcome: Retry, attempt: int, now: float) -> None:
+        self._metrics.retries.labels(outcome.reason).inc()
+        if outcome.reason in OVERLOAD_REASONS:
+            self._gate.throttle.on_overload(now, outcome.retry_after)
+            self._gate.notify()
+        delay = self._backoff.delay(attempt, outcome.retry_after, self._rng)
+        if self._retry_log.due(now):
+            log.warning(
+                "requests to the API fail; retrying with backoff",
+                extra={"event": "retrying", "reason": outcome.reason, "attempt": attempt + 1,
+                       "delay": round(delay, 3), "batches_retrying": len(self.retrying),
+                       "concurrency": self._gate.throttle.concurrency},
+            )
+        self.backing_off += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.backing_off -= 1
+
+    def oldest_retry_age(self) -> float:
+        if not self.retrying:
+            return 0.0
+        return self._clock() - min(self.retrying.values())
+
+
+def _status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
