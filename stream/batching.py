@@ -13,16 +13,21 @@ no task or timer per buffer.
 from __future__ import annotations
 
 import heapq
-from operator import itemgetter
+from operator import attrgetter
 from typing import Any, NamedTuple
+
+import msgspec
 
 MIN_SAMPLES = 3  # the API refuses a request with fewer samples
 
 Key = tuple[str, str]  # (user_id, data_type)
 
 
-class Entry(NamedTuple):
-    """One buffered sample: its sort key, its encoded API bytes, and where it came from (for the ack)."""
+class Entry(msgspec.Struct, gc=False):
+    """One buffered sample: its sort key, its encoded API bytes, and where it came from (for the ack).
+
+    A Struct without GC tracking: about 48 bytes, against 72 for a 4-tuple, and quicker to build.
+    """
 
     start: float
     body: bytes
@@ -50,7 +55,7 @@ class Work(NamedTuple):
     expire: list[Small]
 
 
-_by_start = itemgetter(0)
+_by_start = attrgetter("start")
 
 
 class _Buffer:

@@ -25,7 +25,7 @@ from stream.metrics import Metrics
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 from stream.outcome import Partial, Rejected
 from stream.retry import Backoff
-from stream.schema import Decoded, Rejection, as_single_event, batch_body, decode_record
+from stream.schema import Rejection, as_single_event, batch_body, decode_record
 from stream.sink import SamplesSink
 from stream.source import KafkaSource
 from stream.throttle import Gate, Throttle
@@ -126,8 +126,7 @@ class Pipeline:
                 # Fetched under an assignment that has since been revoked: the new owner reads them again.
                 continue
             self.metrics.records.labels(tp.topic).inc(len(records))
-            for record in records:
-                self._ingest(state, record, now, wall)
+            self._ingest(state, records, now, wall)
         self._dispatch()
         self._apply_backpressure()
         if now >= self._next_commit:
@@ -149,23 +148,25 @@ class Pipeline:
 
     # -- intake ---------------------------------------------------------------------------------------
 
-    def _ingest(self, state: PartitionOffsets, record: ConsumerRecord, now: float, wall: float) -> None:
-        decoded = decode_record(record.value)
-        if isinstance(decoded, Rejection):
-            state.track(record.offset, 1)
-            self._dead_letter(decoded, state, record.offset, None)
-            return
-        state.track(record.offset, len(decoded.samples) + len(decoded.rejections))
-        for rejection in decoded.rejections:
-            self._dead_letter(rejection, state, record.offset, decoded.data_type)
-        if decoded.samples:
-            self._buffer(decoded, state, record, now, wall)
-
-    def _buffer(self, decoded: Decoded, state: PartitionOffsets, record: ConsumerRecord, now, wall) -> None:
-        born = _parked_born(record) if record.topic == self.settings.pending_topic else None
-        offset = record.offset
-        entries = [Entry(s.start, s.body, state, offset) for s in decoded.samples]
-        self.batcher.add((decoded.user_id, decoded.data_type), entries, now, born if born is not None else wall)
+    def _ingest(self, state: PartitionOffsets, records: list[ConsumerRecord], now: float, wall: float) -> None:
+        """Decode one partition's fetched records into the buffers (the hot path: kept flat on purpose)."""
+        parked = state.tp.topic == self.settings.pending_topic
+        track, add = state.track, self.batcher.add
+        for record in records:
+            offset = record.offset
+            decoded = decode_record(record.value)
+            if type(decoded) is Rejection:
+                track(offset, 1)
+                self._dead_letter(decoded, state, offset, None)
+                continue
+            samples, rejections = decoded.samples, decoded.rejections
+            track(offset, len(samples) + len(rejections))
+            for rejection in rejections:
+                self._dead_letter(rejection, state, offset, decoded.data_type)
+            if samples:
+                born = (_parked_born(record) or wall) if parked else wall
+                entries = [Entry(s.start, s.body, state, offset) for s in samples]
+                add((decoded.user_id, decoded.data_type), entries, now, born)
 
     # -- handing out work -----------------------------------------------------------------------------
 

@@ -1,0 +1,120 @@
+"""The benchmark's data: generated wearable events written to fresh topics of the local broker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from stream.generate import WearableData
+
+DATA_TYPES = ("steps", "bpm")
+
+
+def throughput_records(events: int, users: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """`events` single-sample events of `users` users (both data types), interleaved as real traffic is.
+
+    Each (user, data type) gets an equal share (the remainder spread over the first keys); a key's events
+    keep their chronological order in the topic.
+    """
+    data = WearableData(seed=seed)
+    keys = [(u, t) for u in data.user_ids(users) for t in DATA_TYPES]
+    share, extra = divmod(events, len(keys))
+    lanes: list[list[tuple[bytes, bytes]]] = []
+    for i, (user_id, data_type) in enumerate(keys):
+        count = share + (i < extra)
+        if count:
+            lanes.append([(r.key, r.value) for r in data.records(user_id, data_type, count)][::-1])
+    rng = random.Random(seed)
+    out: list[tuple[bytes, bytes]] = []
+    while lanes:  # pick a random key for each next event, keeping each key's own order
+        i = rng.randrange(len(lanes))
+        lane = lanes[i]
+        out.append(lane.pop())
+        if not lane:
+            lanes[i] = lanes[-1]
+            lanes.pop()
+    return out
+
+
+def many_keys_records(keys: int, seed: int = 13) -> tuple[list[tuple[bytes, bytes]], int]:
+    """One record per sample for `keys` distinct users with 1 or 2 samples each (one data type per user).
+
+    Returns (records, samples). Samples come from a small pool of realistic ones: only the user differs.
+    """
+    data = WearableData(seed=seed)
+    pool = [(t, s) for t in DATA_TYPES for s in data.samples(t, 500)]
+    rng = random.Random(seed)
+    encode = msgspec.json.Encoder().encode
+    out: list[tuple[bytes, bytes]] = []
+    for user_id in data.user_ids(keys):
+        key = user_id.encode()
+        for _ in range(rng.randint(1, 2)):
+            data_type, sample = pool[rng.randrange(len(pool))]
+            out.append((key, encode({"user_id": user_id, "data_type": data_type, **sample})))
+    rng.shuffle(out)
+    return out, len(out)
+
+
+async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    """Write keyed records (default partitioner: a user's records share a partition); returns seconds."""
+    started = time.monotonic()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=50, max_batch_size=1024 * 1024, compression_type=None
+    )
+    await producer.start()
+    try:
+        send = producer.send
+        futures = [await send(topic, value=value, key=key) for key, value in records]
+        await producer.flush()
+        for future in futures:
+            future.result()  # raises if a write failed
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def wait_for_group_coordinator(bootstrap: str, timeout: float = 60.0) -> None:
+    """A fresh broker creates __consumer_offsets on the first group request: do it before any timing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            await admin.start()
+            await admin.list_consumer_group_offsets("bench-warm-up")
+            return
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+        finally:
+            await admin.close()
+
+
+async def end_offsets(bootstrap: str, topic: str) -> int:
+    """Records in the topic (sum of the partitions' end offsets)."""
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        ends = await consumer.end_offsets(parts)
+    finally:
+        await consumer.stop()
+    return sum(ends.values())

@@ -1,0 +1,144 @@
+{{/* Names, labels, and the checks that fail a render with a message naming the value. */}}
+
+{{- define "stream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "stream.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "stream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "stream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "stream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "stream.labels" -}}
+helm.sh/chart: {{ include "stream.chart" . }}
+{{ include "stream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stream
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "stream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "stream.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "stream.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the API token (and, by default, the Kafka SASL password). */}}
+{{- define "stream.secretName" -}}
+{{- default (include "stream.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{- define "stream.saslEnabled" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
+{{- end }}
+
+{{- define "stream.tlsEnabled" -}}
+{{- if has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/* Where the SASL password comes from: its own Secret, or the chart's / existingSecret. */}}
+{{- define "stream.saslPasswordSecretName" -}}
+{{- default (include "stream.secretName" .) .Values.kafka.sasl.passwordSecret.name }}
+{{- end }}
+
+{{- define "stream.saslPasswordSecretKey" -}}
+{{- if .Values.kafka.sasl.passwordSecret.name }}
+{{- .Values.kafka.sasl.passwordSecret.key }}
+{{- else }}
+{{- .Values.secretKeys.kafkaSaslPassword }}
+{{- end }}
+{{- end }}
+
+{{/* Paths of the mounted secrets. Whole-directory mounts, never subPath: the kubelet then swaps the
+files in place when a Secret changes, and the service re-reads the token without a restart. */}}
+{{- define "stream.apiTokenDir" -}}/var/run/secrets/stream/api{{- end }}
+{{- define "stream.saslDir" -}}/var/run/secrets/stream/kafka-sasl{{- end }}
+{{- define "stream.caDir" -}}/var/run/secrets/stream/kafka-ca{{- end }}
+{{- define "stream.clientCertDir" -}}/var/run/secrets/stream/kafka-client{{- end }}
+
+{{/* The drain timeout, whole seconds rounded up, and the grace period derived from it. */}}
+{{- define "stream.terminationGracePeriodSeconds" -}}
+{{- $drain := int64 (ceil .Values.config.drainTimeoutSeconds) }}
+{{- $grace := int64 .Values.terminationGracePeriodSeconds }}
+{{- if eq $grace 0 }}
+{{- add $drain 15 }}
+{{- else if le (float64 $grace) (float64 .Values.config.drainTimeoutSeconds) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be above config.drainTimeoutSeconds (%v): Kubernetes would kill the pod while it drains" $grace .Values.config.drainTimeoutSeconds) }}
+{{- else }}
+{{- $grace }}
+{{- end }}
+{{- end }}
+
+{{/* Every check that spans several values (the schema checks each value on its own). */}}
+{{- define "stream.validate" -}}
+{{- $partitions := int64 .Values.kafka.topicPartitions }}
+{{- if .Values.keda.enabled }}
+{{- if eq $partitions 0 }}
+{{- fail "keda.enabled needs kafka.topicPartitions (the input topic's partition count): the chart checks keda.maxReplicas against it" }}
+{{- end }}
+{{- if gt (int64 .Values.keda.maxReplicas) $partitions }}
+{{- fail (printf "keda.maxReplicas (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition and never becomes ready. Lower keda.maxReplicas or add partitions." (int64 .Values.keda.maxReplicas) $partitions) }}
+{{- end }}
+{{- if gt (int64 .Values.keda.minReplicas) (int64 .Values.keda.maxReplicas) }}
+{{- fail (printf "keda.minReplicas (%d) exceeds keda.maxReplicas (%d)" (int64 .Values.keda.minReplicas) (int64 .Values.keda.maxReplicas)) }}
+{{- end }}
+{{- else if and (gt $partitions 0) (gt (int64 .Values.replicaCount) $partitions) }}
+{{- fail (printf "replicaCount (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition and never becomes ready" (int64 .Values.replicaCount) $partitions) }}
+{{- end }}
+{{- if and (not .Values.existingSecret) (not .Values.secret.apiToken) }}
+{{- fail "the API token is missing: set existingSecret (a Secret you manage, key secretKeys.apiToken) or secret.apiToken" }}
+{{- end }}
+{{- if include "stream.saslEnabled" . }}
+{{- if not .Values.kafka.sasl.username }}
+{{- fail (printf "kafka.securityProtocol %s needs kafka.sasl.username" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and (not .Values.kafka.sasl.passwordSecret.name) (not .Values.existingSecret) (not .Values.secret.kafkaSaslPassword) }}
+{{- fail (printf "kafka.securityProtocol %s needs a password: kafka.sasl.passwordSecret, existingSecret (key secretKeys.kafkaSaslPassword) or secret.kafkaSaslPassword" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- end }}
+{{- if and (not (include "stream.tlsEnabled" .)) (or .Values.kafka.tls.caSecret.name .Values.kafka.tls.clientCertSecret.name) }}
+{{- fail (printf "kafka.tls secrets are set but kafka.securityProtocol is %s: use SSL or SASL_SSL" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor and metrics.podMonitor are both enabled: every sample would be scraped twice" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor needs metrics.service.enabled" }}
+{{- end }}
+{{- if lt (float64 .Values.config.minBatchMaxAgeSeconds) (float64 .Values.config.minBatchHoldSeconds) }}
+{{- fail "config.minBatchMaxAgeSeconds must be at least config.minBatchHoldSeconds" }}
+{{- end }}
+{{- if or (has .Values.kafka.dlqTopic .Values.kafka.topics) (has .Values.kafka.pendingTopic .Values.kafka.topics) }}
+{{- fail "kafka.dlqTopic and kafka.pendingTopic must differ from kafka.topics" }}
+{{- end }}
+{{- end }}
