@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from stream.metrics import Metrics
@@ -66,6 +66,7 @@ class Delivery:
         retry_max_seconds: float,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._sink = sink
         self._gate = gate
@@ -74,6 +75,7 @@ class Delivery:
         self._retry_max = retry_max_seconds
         self._clock = clock
         self._rng = rng or random.Random()
+        self._sleep = sleep
         self.backing_off = 0  # batches asleep between two attempts (they hold no request slot)
         self.retrying: dict[int, float] = {}  # id of a failing batch -> when it first failed
         self.auth_failing = False
@@ -164,7 +166,7 @@ class Delivery:
             )
         self.backing_off += 1
         try:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
         finally:
             self.backing_off -= 1
 

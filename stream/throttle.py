@@ -13,7 +13,7 @@ caps requests per second when a ceiling is set.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 
@@ -74,12 +74,28 @@ class Throttle:
         self._refilled = now
 
 
-class Gate:
-    """Requests pass one by one as the Throttle allows; `async with gate:` around each request."""
+async def _wait_for_change(changed: asyncio.Event, timeout: float | None) -> None:
+    try:
+        await asyncio.wait_for(changed.wait(), timeout=timeout)
+    except TimeoutError:
+        pass
 
-    def __init__(self, throttle: Throttle, clock: Callable[[], float]) -> None:
+
+class Gate:
+    """Requests pass one by one as the Throttle allows; `async with gate:` around each request.
+
+    `wait(event, timeout)` is how a request waits (injected so tests can run on a fake clock).
+    """
+
+    def __init__(
+        self,
+        throttle: Throttle,
+        clock: Callable[[], float],
+        wait: Callable[[asyncio.Event, float | None], Awaitable[None]] = _wait_for_change,
+    ) -> None:
         self.throttle = throttle
         self._clock = clock
+        self._wait = wait
         self._active = 0
         self._changed = asyncio.Event()
 
@@ -93,11 +109,8 @@ class Gate:
             if wait == 0.0:
                 break
             self._changed.clear()
-            try:
-                # Wake on the earliest of: the computed wait, or any request finishing / the throttle changing.
-                await asyncio.wait_for(self._changed.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+            # Wake on the earliest of: the computed wait, or any request finishing / the throttle changing.
+            await self._wait(self._changed, wait)
         self.throttle.take(self._clock())
         self._active += 1
 

@@ -261,7 +261,7 @@ async def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka, topics
 
 
 # Documented in the README ("Memory"): with the default STREAM_MAX_BUFFERED_SAMPLES of 200000.
-PEAK_RSS_BOUND_MB = 400
+PEAK_RSS_BOUND_MB = 300
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -1,0 +1,724 @@
+"""`python -m bench`: the service against its ceilings and against Quix Streams, in one run, on this machine.
+
+One local Apache Kafka broker (stream.localkafka) and one sandbox API (``stream sandbox --fast``, a
+subprocess) serve every contender. A topic of ``--events`` single-sample events of ``--users`` users is
+produced once and read by each contender with its own fresh consumer group:
+
+  (a) aiokafka consumer, records discarded       -- the Kafka client's ceiling  (bench/consume.py)
+  (b) (a) + msgspec decoding of every value       -- the client + decoding ceiling (bench/consume.py)
+  (c) Quix Streams doing the whole job            -- consume, batch per key, POST (bench/quix_job.py)
+  (d) ``stream run``                              -- the service, configured by STREAM_* variables
+
+Each contender is a subprocess, so its CPU time (user+sys from /proc/PID/stat) and peak RSS (VmHWM from
+/proc/PID/status) are its own. Progress: (a)/(b) print when they read their first record, 99 % and 100 %;
+(c)/(d) are followed through the sandbox's ``accepted_samples`` (reset before each). Figures:
+
+  steady samples/s   (samples at the 99 % mark - at the first mark) / (time between the two marks)
+  with start-up      samples at the 99 % mark / time from spawning the process to the 99 % mark
+  CPU s / M samples  the process's CPU seconds at the 99 % mark per million samples
+  peak RSS           VmHWM at the end of the contender's run
+
+Then: a latency run (events produced at a fixed rate while ``stream run`` runs with a 1 s window; from each
+record's Kafka timestamp to the moment the sandbox, in this process, accepts its sample), a many-keys run
+(RSS per buffered sample and per key with ``--keys`` users of 1-2 samples each, which can never be sent),
+and a micro-benchmark of the service's window bookkeeping (stream.batching.Batcher) for growing key counts.
+Results: a table on stdout, ``bench/results/latest.json`` and ``bench/results/latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from bench import data, microbench, proc, report
+
+ALL = ("a", "b", "c", "d", "latency", "keys")
+TOKEN = "bench-token"
+RESULTS = Path(__file__).resolve().parent / "results"
+POLL = 0.025  # seconds between progress polls of the sandbox
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def now() -> float:
+    return time.time()
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def prom_value(text: str, name: str) -> float:
+    """Sum of a metric's samples (all label sets) in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def prom_histogram_quantile(text: str, name: str, q: float) -> float | None:
+    """Upper bound of the bucket holding quantile q of a Prometheus histogram (summed over label sets)."""
+    buckets: dict[float, float] = {}
+    prefix = name + "_bucket{"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line[len(prefix) :].rsplit(" ", 1)
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+            bound = math.inf if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    if not buckets:
+        return None
+    total = buckets[max(buckets)]
+    if total <= 0:
+        return None
+    for bound in sorted(buckets):
+        if buckets[bound] >= q * total:
+            return bound
+    return None
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+@dataclass
+class Proc:
+    """A contender's subprocess and what it costs."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    spawned: float
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def usage(self) -> proc.Usage:
+        return proc.usage(self.pid)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int | None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+async def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None, **kw: Any) -> Proc:
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 -- the child keeps it; closed when we are done with the run
+    spawned = now()
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=kw.pop("stdout", log), stderr=log, env=env if env is not None else os.environ.copy(), **kw
+    )
+    log.close()  # the child has its own copy of the descriptor
+    return Proc(name, process, spawned, log_path)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without STREAM_* variables (the caller's settings must not leak into contenders)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    bootstrap: str
+    broker_pid: int | None
+    kafka_version: str
+    workdir: Path
+    http: aiohttp.ClientSession
+    sandbox: Proc | None = None
+    sandbox_url: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+    # -- the shared fast sandbox (a subprocess)
+
+    async def start_sandbox(self) -> None:
+        port = free_port()
+        self.sandbox = await spawn(
+            "sandbox",
+            [sys.executable, "-m", "stream", "sandbox", "--fast", "--port", str(port), "--token", TOKEN],
+            self.workdir,
+            env=clean_env(),
+        )
+        self.sandbox_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                await self.sandbox_stats()
+                return
+            if self.sandbox.process.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the sandbox did not start:\n{self.sandbox.log_tail()}")
+            await asyncio.sleep(0.1)
+
+    async def sandbox_stats(self) -> dict[str, Any]:
+        async with self.http.get(self.sandbox_url + "/_sandbox/stats") as response:
+            response.raise_for_status()
+            return await response.json()
+
+    async def sandbox_reset(self) -> None:
+        async with self.http.post(self.sandbox_url + "/_sandbox/reset") as response:
+            response.raise_for_status()
+
+    def other_cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the broker and the sandbox (what a contender makes them spend)."""
+        out = {}
+        if self.broker_pid:
+            with contextlib.suppress(OSError):
+                out["broker"] = proc.cpu_seconds(self.broker_pid)
+        if self.sandbox is not None:
+            with contextlib.suppress(OSError):
+                out["sandbox"] = proc.cpu_seconds(self.sandbox.pid)
+        return out
+
+    def stream_env(self, topic: str, group: str, api_url: str, metrics_port: int, **settings: str) -> dict[str, str]:
+        t = tag()
+        env = {
+            "STREAM_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "STREAM_KAFKA_TOPICS": topic,
+            "STREAM_KAFKA_GROUP_ID": group,
+            "STREAM_DLQ_TOPIC": f"bench-dlq-{t}",
+            "STREAM_PENDING_TOPIC": f"bench-pending-{t}",
+            "STREAM_API_URL": api_url,
+            "STREAM_API_TOKEN": TOKEN,
+            "STREAM_METRICS_PORT": str(metrics_port),
+        }
+        env.update({f"STREAM_{k.upper()}": v for k, v in settings.items()})
+        return clean_env(**env)
+
+    async def create_side_topics(self, env: dict[str, str]) -> None:
+        """The service's dead-letter and pending topics, fresh for each run (parked samples stay in their run)."""
+        await data.create_topics(
+            self.bootstrap, [env["STREAM_DLQ_TOPIC"], env["STREAM_PENDING_TOPIC"]], self.args.partitions
+        )
+
+    async def metrics_text(self, port: int) -> str:
+        async with self.http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            response.raise_for_status()
+            return await response.text()
+
+    async def wait_ready(self, service: Proc, port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    if response.status == 200:
+                        return
+            if service.process.returncode is not None:
+                raise RuntimeError(f"stream run exited with {service.process.returncode}:\n{service.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stream run not ready after {timeout:.0f}s:\n{service.log_tail()}")
+            await asyncio.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------------- throughput contenders
+
+
+@dataclass
+class Marks:
+    spawned: float
+    first_t: float | None = None
+    first_n: int = 0
+    zero_t: float | None = None  # last observation with nothing yet (fallback for tiny runs)
+    t99: float | None = None
+    n99: int = 0
+    cpu99: float = 0.0
+    other99: dict[str, float] = field(default_factory=dict)
+    t100: float | None = None
+    n_end: int = 0
+
+
+def contender_figures(marks: Marks, total: int, usage_end: proc.Usage, other0: dict[str, float]) -> dict[str, Any]:
+    assert marks.t99 is not None and marks.first_t is not None
+    first_t, first_n = marks.first_t, marks.first_n
+    if marks.t99 <= first_t or marks.n99 <= first_n:
+        # Tiny runs: the first observation already held 99 %; measure from the last empty one instead.
+        first_t, first_n = (marks.zero_t if marks.zero_t is not None else marks.spawned), 0
+    steady = (marks.n99 - first_n) / (marks.t99 - first_t)
+    return {
+        "samples": total,
+        "steady_samples_per_s": steady,
+        "startup_samples_per_s": marks.n99 / (marks.t99 - marks.spawned),
+        "cpu_s_per_million": marks.cpu99 / marks.n99 * 1e6,
+        "cpu_s_at_99": marks.cpu99,
+        "peak_rss_bytes": usage_end.hwm_bytes,
+        "rss_end_bytes": usage_end.rss_bytes,
+        "first_s": marks.first_t - marks.spawned,
+        "t99_s": marks.t99 - marks.spawned,
+        "t100_s": (marks.t100 - marks.spawned) if marks.t100 is not None else None,
+        "delivered_fraction": marks.n_end / total,
+        "other_cpu_s_to_99": {k: v - other0.get(k, 0.0) for k, v in marks.other99.items()},
+    }
+
+
+async def run_self_reporting(bench: Bench, name: str, mode: str, topic: str, total: int) -> dict[str, Any]:
+    """(a)/(b): the script prints its marks; its CPU is read from /proc the moment each line arrives."""
+    argv = [
+        sys.executable, "-m", "bench.consume", "--bootstrap", bench.bootstrap, "--topic", topic,
+        "--group", f"bench-{name}-{tag()}", "--expect", str(total), "--mode", mode,
+    ]  # fmt: skip
+    other0 = bench.other_cpu()
+    contender = await spawn(name, argv, bench.workdir, env=clean_env(), stdin=asyncio.subprocess.PIPE,
+                            stdout=asyncio.subprocess.PIPE)
+    marks = Marks(spawned=contender.spawned)
+    assert contender.process.stdout is not None and contender.process.stdin is not None
+    try:
+        async with asyncio.timeout(bench.args.timeout):
+            while True:
+                line = await contender.process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{name} ended early:\n{contender.log_tail()}")
+                cpu = contender.usage().cpu_seconds
+                mark = json.loads(line)
+                if mark["mark"] == "first":
+                    marks.first_t, marks.first_n = mark["t"], mark["n"]
+                elif mark["mark"] == "p99":
+                    marks.t99, marks.n99, marks.cpu99 = mark["t"], mark["n"], cpu
+                    marks.other99 = bench.other_cpu()
+                elif mark["mark"] == "done":
+                    marks.t100, marks.n_end = mark["t"], mark["n"]
+                    break
+        usage_end = contender.usage()
+    finally:
+        contender.process.stdin.close()
+        await contender.stop(timeout=10)
+    return contender_figures(marks, total, usage_end, other0)
+
+
+async def run_sandbox_polled(
+    bench: Bench, name: str, argv: list[str], env: dict[str, str], total: int, metrics_port: int | None = None
+) -> dict[str, Any]:
+    """(c)/(d): progress is the sandbox's accepted_samples, polled every POLL seconds."""
+    await bench.sandbox_reset()
+    other0 = bench.other_cpu()
+    contender = await spawn(name, argv, bench.workdir, env=env)
+    marks = Marks(spawned=contender.spawned)
+    mark99 = math.ceil(total * 0.99)
+    extra: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(bench.args.timeout):
+            while True:
+                stats = await bench.sandbox_stats()
+                t, n = now(), stats["accepted_samples"]
+                if n >= mark99 and marks.t99 is None:
+                    marks.cpu99 = contender.usage().cpu_seconds
+                    marks.other99 = bench.other_cpu()
+                    marks.t99, marks.n99 = t, n
+                if n > 0 and marks.first_t is None:
+                    marks.first_t, marks.first_n = t, n
+                elif n == 0:
+                    marks.zero_t = t
+                marks.n_end = n
+                if n >= total:
+                    marks.t100 = t
+                    break
+                if marks.t99 is not None and t - marks.t99 > bench.args.tail_seconds:
+                    break  # the last samples are parked (1-2 per key): they wait for more of their user
+                if contender.process.returncode is not None:
+                    raise RuntimeError(f"{name} exited with {contender.process.returncode}:\n{contender.log_tail()}")
+                await asyncio.sleep(POLL)
+        usage_end = contender.usage()
+        stats = await bench.sandbox_stats()
+        extra["sandbox"] = {k: stats.get(k) for k in ("requests", "min_batch", "max_batch", "status_counts",
+                                                       "rejected_samples", "accepted_batches")}
+        if metrics_port:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                text = await bench.metrics_text(metrics_port)
+                extra["service_metrics"] = {
+                    "records_consumed": prom_value(text, "stream_records_consumed_total"),
+                    "batches": prom_value(text, "stream_batches_total"),
+                    "fetch_paused_now": prom_value(text, "stream_fetch_paused"),
+                    "buffered_samples_now": prom_value(text, "stream_buffered_samples"),
+                }
+    finally:
+        code = await contender.stop()
+        extra["exit_code"] = code
+    return {**contender_figures(marks, total, usage_end, other0), **extra}
+
+
+async def run_throughput(bench: Bench, which: list[str]) -> None:
+    args = bench.args
+    topic = f"bench-samples-{tag()}"
+    await data.create_topics(bench.bootstrap, [topic], args.partitions)
+    t0 = time.monotonic()
+    records = data.throughput_records(args.events, args.users, seed=args.seed)
+    generated = time.monotonic() - t0
+    print(f"producing {len(records):,} events of {args.users:,} users to {topic} ({args.partitions} partitions) ...",
+          flush=True)
+    seconds = await data.produce(bench.bootstrap, topic, records)
+    total = await data.end_offsets(bench.bootstrap, topic)
+    if total != len(records):
+        raise RuntimeError(f"topic holds {total} records, {len(records)} were produced")
+    del records
+    bench.results["produce"] = {"topic": topic, "records": total, "generate_seconds": generated,
+                                "produce_seconds": seconds, "records_per_s": total / seconds}
+    contenders = bench.results.setdefault("contenders", {})
+    for name in which:
+        print(f"contender ({name}) {report.CONTENDERS[name]} ...", flush=True)
+        try:
+            if name == "a":
+                result = await run_self_reporting(bench, "a", "plain", topic, total)
+            elif name == "b":
+                result = await run_self_reporting(bench, "b", "msgspec", topic, total)
+            elif name == "c":
+                result = await run_quix(bench, topic, total)
+            else:
+                result = await run_stream(bench, topic, total)
+        except Exception as exc:  # one contender failing must not lose the others' figures
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  ({name}) FAILED: {result['error']}", flush=True)
+        else:
+            print("  " + report.contender_line(name, result), flush=True)
+        contenders[name] = result
+        await asyncio.sleep(1.0)  # let the broker settle between contenders
+
+
+async def run_quix(bench: Bench, topic: str, total: int) -> dict[str, Any]:
+    try:
+        import quixstreams  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("quixstreams is not installed (pip install quixstreams)") from exc
+    pending = f"bench-quix-pending-{tag()}"
+    await data.create_topics(bench.bootstrap, [pending], bench.args.partitions)
+    state_dir = tempfile.mkdtemp(prefix="quix-state-", dir=bench.workdir)
+    argv = [
+        sys.executable, "-m", "bench.quix_job", "--bootstrap", bench.bootstrap, "--topic", topic,
+        "--pending-topic", pending, "--group", f"bench-c-{tag()}", "--api-url", bench.sandbox_url,
+        "--token", TOKEN, "--state-dir", state_dir,
+    ]  # fmt: skip
+    result = await run_sandbox_polled(bench, "c", argv, clean_env(), total)
+    result["notes"] = "no per-sample validation, no dead-letter topic, no max age for parked samples"
+    return result
+
+
+async def run_stream(bench: Bench, topic: str, total: int) -> dict[str, Any]:
+    port = free_port()
+    env = bench.stream_env(topic, f"bench-d-{tag()}", bench.sandbox_url, port)
+    await bench.create_side_topics(env)
+    argv = [sys.executable, "-m", "stream", "run"]
+    result = await run_sandbox_polled(bench, "d", argv, env, total, metrics_port=port)
+    result["settings"] = "defaults (window 5 s, 16 in flight, max 1000 per batch, 200000 buffered)"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- latency
+
+
+class AcceptanceLog:
+    """Stamps time.time() on every sandbox answer that accepted samples, with the request's body.
+
+    Composed around the unchanged sandbox app as an aiohttp middleware: the body is read (aiohttp caches
+    it, so the handler reads the same bytes) and kept; decoding waits until the run is over.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, int, bytes, bytes | None]] = []
+        self.accepted = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if request.method != "POST" or not request.path.endswith("/samples"):
+            return await handler(request)
+        body = await request.read()
+        response = await handler(request)
+        if response.status in (200, 207):
+            accepted_at = time.time()
+            answer: bytes = response.body  # type: ignore[assignment]  # the sandbox answers with bytes
+            self.entries.append((accepted_at, response.status, body, answer if response.status == 207 else None))
+            self.accepted += msgspec.json.decode(answer)["accepted"]
+        return response
+
+    def latencies(self, since: float = 0.0) -> list[float]:
+        out = []
+        for accepted_at, _status, body, answer in self.entries:
+            request = msgspec.json.decode(body)
+            refused = {r["index"] for r in msgspec.json.decode(answer)["rejected"]} if answer else set()
+            for i, sample in enumerate(request["data"]):
+                if i in refused:
+                    continue
+                produced = int(sample["device_version"]) / 1e9
+                if produced >= since:
+                    out.append(accepted_at - produced)
+        out.sort()
+        return out
+
+
+async def run_latency(bench: Bench) -> dict[str, Any]:
+    from stream.sandbox import SandboxServer
+
+    args = bench.args
+    window = 1.0
+    topic = f"bench-latency-{tag()}"
+    await data.create_topics(bench.bootstrap, [topic], args.partitions)
+    stamps = AcceptanceLog()
+    sandbox = SandboxServer(token=TOKEN, port=0, fast=False)
+    sandbox.app.middlewares.append(stamps.middleware)
+    await sandbox.start()
+    port = free_port()
+    env = bench.stream_env(topic, f"bench-latency-{tag()}", sandbox.url, port, batch_window_seconds=str(window))
+    await bench.create_side_topics(env)
+    service = await spawn("latency-stream", [sys.executable, "-m", "stream", "run"], bench.workdir, env=env)
+    try:
+        await bench.wait_ready(service, port)
+        await asyncio.sleep(0.5)
+        print(f"  producing {args.latency_rate:,.0f} samples/s for {args.latency_seconds:g} s "
+              f"({args.latency_users} users) ...", flush=True)
+        producer = await spawn(
+            "latency-producer",
+            [sys.executable, "-m", "bench.latency_producer", "--bootstrap", bench.bootstrap, "--topic", topic,
+             "--rate", str(args.latency_rate), "--seconds", str(args.latency_seconds),
+             "--users", str(args.latency_users)],
+            bench.workdir, env=clean_env(), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(producer.process.communicate(), args.latency_seconds * 3 + 60)
+        if producer.process.returncode != 0:
+            raise RuntimeError(f"latency producer failed:\n{producer.log_tail()}")
+        produced = json.loads(out.decode().strip().splitlines()[-1])
+        # Wait for the last windows to close; what is left after that is parked (1-2 samples of a key).
+        deadline = time.monotonic() + 30
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            accepted = stamps.accepted
+            if accepted >= produced["produced"]:
+                break
+            if accepted != last:
+                last, still_since = accepted, time.monotonic()
+            elif time.monotonic() - still_since > window + 3:
+                break
+            await asyncio.sleep(0.2)
+        metrics = await bench.metrics_text(port)
+    finally:
+        await service.stop()
+        await sandbox.stop()
+    latencies = stamps.latencies()
+    mean = sum(latencies) / len(latencies) if latencies else math.nan
+    return {
+        "window_seconds": window,
+        "target_rate": args.latency_rate,
+        "seconds": args.latency_seconds,
+        "users": args.latency_users,
+        "producer": produced,
+        "measured_samples": len(latencies),
+        "measured_fraction": len(latencies) / produced["produced"],
+        "p50_seconds": percentile(latencies, 0.50),
+        "p90_seconds": percentile(latencies, 0.90),
+        "p99_seconds": percentile(latencies, 0.99),
+        "max_seconds": latencies[-1] if latencies else math.nan,
+        "mean_seconds": mean,
+        "requests": len(stamps.entries),
+        "service_histogram": {  # the service's own view (stream_end_to_end_latency_seconds): bucket bounds
+            "p50_le_seconds": prom_histogram_quantile(metrics, "stream_end_to_end_latency_seconds", 0.5),
+            "p99_le_seconds": prom_histogram_quantile(metrics, "stream_end_to_end_latency_seconds", 0.99),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- many keys
+
+
+async def run_keys(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    topic = f"bench-keys-{tag()}"
+    await data.create_topics(bench.bootstrap, [topic], args.partitions)
+    records, samples = data.many_keys_records(args.keys, seed=args.seed + 6)
+    port = free_port()
+    env = bench.stream_env(
+        topic, f"bench-keys-{tag()}", bench.sandbox_url, port,
+        min_batch_hold_seconds="3600", max_buffered_samples=str(max(1000, 4 * samples)),
+    )  # fmt: skip
+    await bench.create_side_topics(env)
+    await bench.sandbox_reset()
+    service = await spawn("keys-stream", [sys.executable, "-m", "stream", "run"], bench.workdir, env=env)
+    try:
+        await bench.wait_ready(service, port)
+        await asyncio.sleep(1.0)
+        start = service.usage()
+        print(f"  producing {len(records):,} records of {args.keys:,} users while `stream run` consumes ...",
+              flush=True)
+        produce_started = now()
+        await data.produce(bench.bootstrap, topic, records)
+        del records
+        async with asyncio.timeout(args.timeout):
+            while True:
+                consumed = prom_value(await bench.metrics_text(port), "stream_records_consumed_total")
+                if consumed >= samples:
+                    break
+                if service.process.returncode is not None:
+                    raise RuntimeError(f"stream run exited:\n{service.log_tail()}")
+                await asyncio.sleep(0.2)
+        consumed_at = now()
+        cpu_consumed = service.usage().cpu_seconds
+        await asyncio.sleep(2.0)  # let the last fetch be ingested and the window timers fire
+        end = service.usage()
+        metrics = await bench.metrics_text(port)
+        stats = await bench.sandbox_stats()
+    finally:
+        # SIGKILL: a graceful stop would park a million small buffers; offsets were never committed anyway.
+        await service.stop(signal.SIGKILL)
+    buffered = prom_value(metrics, "stream_buffered_samples")
+    buffers = prom_value(metrics, "stream_buffers")
+    grown = end.rss_bytes - start.rss_bytes
+    return {
+        "keys": args.keys,
+        "samples": samples,
+        "buffered_samples": buffered,
+        "buffers": buffers,
+        "rss_start_bytes": start.rss_bytes,
+        "rss_end_bytes": end.rss_bytes,
+        "peak_rss_bytes": end.hwm_bytes,
+        "rss_growth_bytes": grown,
+        "bytes_per_buffered_sample": grown / buffered if buffered else math.nan,
+        "bytes_per_key": grown / buffers if buffers else math.nan,
+        "requests_sent": stats.get("requests"),
+        "consume_seconds": consumed_at - produce_started,
+        "cpu_s_per_million_records": (cpu_consumed - start.cpu_seconds) / samples * 1e6,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000, help="single-sample events in the topic (1000000)")
+    p.add_argument("--users", type=int, default=5000, help="users in that topic (5000)")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (4)")
+    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)} (all)")
+    p.add_argument("--latency-rate", type=float, default=20_000, help="samples/s in the latency run (20000)")
+    p.add_argument("--latency-seconds", type=float, default=20, help="length of the latency run (20)")
+    p.add_argument("--latency-users", type=int, default=200,
+                   help="users in the latency run (200: 400 keys, 50 samples per key per second at 20000/s)")
+    p.add_argument("--keys", type=int, default=1_000_000, help="users of 1-2 samples in the many-keys run (1000000)")
+    p.add_argument("--micro-sizes", default="10000,100000,1000000",
+                   help="key counts of the Batcher micro-benchmark, capped at --keys (10000,100000,1000000)")
+    p.add_argument("--tail-seconds", type=float, default=5.0,
+                   help="after 99 %%, how long (c)/(d) may take to reach 100 %% before the run ends (5)")
+    p.add_argument("--timeout", type=float, default=900.0, help="most seconds one contender may take (900)")
+    p.add_argument("--bootstrap", default=None, help="use this running broker instead of starting a local one")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="JSON results (%(default)s)")
+    p.add_argument("--markdown", type=Path, default=RESULTS / "latest.md", help="Markdown table (%(default)s)")
+    args = p.parse_args(argv)
+    args.only_set = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only_set) - set(ALL)
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; choose among {','.join(ALL)}")
+    return args
+
+
+async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="stream-bench-"))
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "machine": {**proc.machine(), "kafka": kafka_version},
+        "packages": proc.package_versions(("aiokafka", "msgspec", "aiohttp", "quixstreams", "confluent-kafka")),
+        "params": {k: v for k, v in vars(args).items() if k not in ("output", "markdown", "only_set")},
+        "logs": str(workdir),
+    }
+    with contextlib.suppress(ImportError):
+        import confluent_kafka
+
+        results["packages"]["librdkafka"] = confluent_kafka.libversion()[0]
+    print(f"machine: {results['machine']['nproc']} cpus, {results['machine']['cpu_model']}, "
+          f"python {results['machine']['python']}, kafka {kafka_version}; logs in {workdir}", flush=True)
+    await data.wait_for_group_coordinator(bootstrap)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        bench = Bench(args, bootstrap, broker_pid, kafka_version, workdir, http, results=results)
+        await bench.start_sandbox()
+        try:
+            throughput = [c for c in ("a", "b", "c", "d") if c in args.only_set]
+            if throughput:
+                await run_throughput(bench, throughput)
+            if "latency" in args.only_set:
+                print("latency run: `stream run` with STREAM_BATCH_WINDOW_SECONDS=1 ...", flush=True)
+                try:
+                    results["latency"] = await run_latency(bench)
+                    print("  " + report.latency_line(results["latency"]), flush=True)
+                except Exception as exc:
+                    results["latency"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    print(f"  latency FAILED: {results['latency']['error']}", flush=True)
+            if "keys" in args.only_set:
+                print(f"many-keys run: {args.keys:,} users with 1-2 samples each ...", flush=True)
+                try:
+                    results["keys"] = await run_keys(bench)
+                    print("  " + report.keys_line(results["keys"]), flush=True)
+                except Exception as exc:
+                    results["keys"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    print(f"  keys FAILED: {results['keys']['error']}", flush=True)
+                sizes = sorted({min(int(s), args.keys) for s in args.micro_sizes.split(",") if s.strip()})
+                print(f"Batcher micro-benchmark: {sizes} keys ...", flush=True)
+                results["batcher_micro"] = await asyncio.to_thread(microbench.run, sizes)
+        finally:
+            assert bench.sandbox is not None
+            await bench.sandbox.stop()
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    results["ratios"] = report.ratios(results.get("contenders", {}))
+    results["figures"] = report.figures(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.bootstrap:
+        results = asyncio.run(run_all(args, args.bootstrap, None, "external broker"))
+    else:
+        from stream.localkafka import LocalKafka
+
+        with LocalKafka(port=0, heap="1g") as broker:
+            results = asyncio.run(run_all(args, broker.bootstrap, broker.pid, f"Apache Kafka {broker.version}"))
+    text = report.table(results)
+    print("\n" + text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(report.markdown(results))
+    print(f"\nwrote {args.output} and {args.markdown}")
+    failed = [k for k, v in results.get("contenders", {}).items() if "error" in v]
+    failed += [k for k in ("latency", "keys") if "error" in results.get(k, {})]
+    return 1 if failed else 0
