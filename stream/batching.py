@@ -33,6 +33,7 @@ class Entry(msgspec.Struct, gc=False):
     body: bytes
     source: Any  # opaque here: the offsets' PartitionOffsets
     offset: int
+    timestamp: float  # the record's Kafka timestamp (seconds), for the end-to-end latency
 
 
 class Batch(NamedTuple):
@@ -209,6 +210,7 @@ class Batcher:
         return bool(self._ready)
 
     def oldest_since(self) -> float | None:
+        """When the oldest buffered sample arrived (O(buffers): for a scrape, not for the hot path)."""
         return min((b.since for b in self._buffers.values()), default=None)
 
     # -- internals ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -29,6 +29,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_group_id: str = "samples-sync"
     kafka_client_id: str = "stream"
     kafka_max_poll_records: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_sasl_password_file: str = ""
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
     dlq_topic: str = "samples.dlq"
     pending_topic: str = "samples.pending"
     api_url: str = "https://api-b2b.gerosense.ai/api/v2.2"
@@ -62,6 +70,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         url = urlsplit(self.api_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(f"STREAM_API_URL: must be an http:// or https:// URL with a host, got {self.api_url!r}")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ConfigError("STREAM_KAFKA_SASL_USERNAME: required with a SASL security protocol")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_password or self.kafka_sasl_password_file
+        ):
+            raise ConfigError(
+                "STREAM_KAFKA_SASL_PASSWORD or STREAM_KAFKA_SASL_PASSWORD_FILE: required with a SASL security protocol"
+            )
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError("STREAM_KAFKA_SSL_CERTFILE / STREAM_KAFKA_SSL_KEYFILE: a client certificate needs both")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"STREAM_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {self.log_level!r}")
 
@@ -73,6 +91,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def input_topics(self) -> tuple[str, ...]:
         """Every topic the service consumes: the producers' topics and its own pending topic."""
         return (*self.kafka_topics, self.pending_topic)
+
+    def read_sasl_password(self) -> str:
+        if self.kafka_sasl_password_file:
+            try:
+                return Path(self.kafka_sasl_password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"STREAM_KAFKA_SASL_PASSWORD_FILE: cannot read it ({exc.strerror})") from None
+        return self.kafka_sasl_password
 
     def read_token(self) -> str:
         """The API token, from STREAM_API_TOKEN_FILE when set (so a rotated Secret is picked up)."""
@@ -93,8 +119,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def _masked(self) -> dict[str, object]:
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
-        if fields["api_token"]:
-            fields["api_token"] = "***"
+        for secret in SECRETS:
+            if fields[secret]:
+                fields[secret] = "***"
         return fields
 
     def __repr__(self) -> str:
@@ -103,12 +130,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
+SECRETS = ("api_token", "kafka_sasl_password")  # never shown: masked in repr, never logged
+
 HELP: dict[str, str] = {
     "kafka_bootstrap_servers": "Kafka brokers, host:port[,host:port]",
     "kafka_topics": "input topics, comma-separated",
     "kafka_group_id": "consumer group; replicas with the same group share the partitions",
     "kafka_client_id": "client id shown in broker logs and metrics",
     "kafka_max_poll_records": "most records taken from Kafka per poll",
+    "kafka_security_protocol": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    "kafka_sasl_mechanism": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL protocol)",
+    "kafka_sasl_username": "SASL user name",
+    "kafka_sasl_password": "SASL password (prefer the file); never logged",
+    "kafka_sasl_password_file": "file holding the SASL password (a mounted Secret)",
+    "kafka_ssl_cafile": "CA bundle to verify the brokers (with SSL or SASL_SSL; default: the system's)",
+    "kafka_ssl_certfile": "client certificate for mutual TLS (PEM), with STREAM_KAFKA_SSL_KEYFILE",
+    "kafka_ssl_keyfile": "client private key for mutual TLS (PEM)",
     "dlq_topic": "dead-letter topic: invalid records and samples the API refused, with the reason in headers",
     "pending_topic": "topic where buffers of fewer than 3 samples are parked until more samples arrive",
     "api_url": "Samples API base URL; batches go to {api_url}/samples",
@@ -147,7 +184,7 @@ def _parse_field(field: str, value: str) -> object:
     return value if field in _VERBATIM else value.strip()
 
 
-_VERBATIM = {"api_token"}  # kept exactly as given
+_VERBATIM = {"api_token", "kafka_sasl_password"}  # kept exactly as given
 
 
 def load(env: Mapping[str, str] = os.environ, overrides: Mapping[str, str] | None = None) -> Settings:
@@ -195,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, field)
         if isinstance(default, tuple):
             default = ",".join(default)
-        shown = "" if field == "api_token" else f" (default: {default})"
+        shown = "" if field in SECRETS else f" (default: {default})"
         parser.add_argument(
             flag_name(field),
             dest=field,

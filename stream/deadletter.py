@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from stream.config import Settings
+from stream.kafka_options import kafka_client_options
 from stream.retry import Backoff
-from stream.source import kafka_client_options
 
 log = logging.getLogger("stream.deadletter")
 

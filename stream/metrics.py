@@ -45,6 +45,16 @@ class Metrics:
         )
         self.retries = Counter("stream_retries_total", "Request retries, by reason", ["reason"], registry=r)
         self.in_flight = Gauge("stream_in_flight_requests", "Requests to the API in flight", registry=r)
+        self.in_flight_batches = Gauge(
+            "stream_in_flight_batches", "Batches taken from buffers and not yet finished (sent, retrying)", registry=r
+        )
+        self.oldest_buffered = Gauge(
+            "stream_oldest_buffered_sample_age_seconds", "How long the oldest buffered sample has waited", registry=r
+        )
+        self.lag = Gauge(
+            "stream_consumer_lag", "Records of a partition not yet done (end offset minus committable offset)",
+            ["topic", "partition"], registry=r,
+        )
         self.buffered_samples = Gauge("stream_buffered_samples", "Samples waiting in buffers", registry=r)
         self.buffers = Gauge("stream_buffers", "Buffers (user and data type pairs) holding samples", registry=r)
         self.commits = Counter("stream_commits_total", "Offset commits, by result", ["result"], registry=r)

@@ -79,6 +79,7 @@ class Pipeline:
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
         self._next_commit = 0.0
         self._assigned = False
+        self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
         self._stopping = asyncio.Event()
         self._closed = False  # set once the loop has ended: no new work may start
 
@@ -165,7 +166,8 @@ class Pipeline:
                 self._dead_letter(rejection, state, offset, decoded.data_type)
             if samples:
                 born = (_parked_born(record) or wall) if parked else wall
-                entries = [Entry(s.start, s.body, state, offset) for s in samples]
+                timestamp = record.timestamp / 1000
+                entries = [Entry(s.start, s.body, state, offset, timestamp) for s in samples]
                 add((decoded.user_id, decoded.data_type), entries, now, born)
 
     # -- handing out work -----------------------------------------------------------------------------
@@ -224,9 +226,12 @@ class Pipeline:
                                                                              "data_type": data_type})
             else:
                 refused = {i: f"the API refused it: {r}" for i, r in outcome.refused.items() if 0 <= i < len(entries)}
+        wall = self._wall()
+        observe = self.metrics.e2e_latency.observe
         for index, entry in enumerate(entries):
             if index not in refused:
                 entry.source.ack(entry.offset)
+                observe(wall - entry.timestamp)
         self.metrics.samples.labels("accepted", data_type).inc(len(entries) - len(refused))
         for index, message in refused.items():
             entry = entries[index]
@@ -277,6 +282,7 @@ class Pipeline:
 
     async def _commit(self, only: set[TopicPartition] | None = None) -> None:
         offsets = self.tracker.to_commit(only)
+        self._update_lag()
         if not offsets:
             return
         if await self.source.commit(offsets):
@@ -350,9 +356,23 @@ class Pipeline:
             log.warning("drain timeout: unfinished work will be redelivered", extra={"event": "drain_timeout"})
         await self._commit()
 
+    def _oldest_buffered_age(self) -> float:
+        since = self.batcher.oldest_since()
+        return 0.0 if since is None else self._clock() - since
+
+    def _update_lag(self) -> None:
+        """Records not yet done per partition: the end of the partition minus what is committable."""
+        for tp in self.tracker.partitions():
+            state = self.tracker.get(tp)
+            end = self.source.highwater(tp)
+            done = state.committable() if state is not None else None
+            if end is not None and done is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
+
     def _update_gauges(self) -> None:
         self.metrics.buffered_samples.set(self.batcher.buffered_samples)
         self.metrics.buffers.set(self.batcher.buffers)
+        self.metrics.in_flight_batches.set(len(self._deliveries))
         self.metrics.retrying_batches.set(len(self.delivery.retrying))
         self.metrics.oldest_retry.set(self.delivery.oldest_retry_age())
         self.metrics.concurrency.set(self.gate.throttle.concurrency)

@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from stream.config import Settings
+from stream.kafka_options import kafka_client_options
 from stream.offsets import TopicPartition
 
 log = logging.getLogger("stream.source")
@@ -28,11 +29,6 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: Iterable[KafkaTP]) -> None:
         await self._on_assigned([TopicPartition(tp.topic, tp.partition) for tp in assigned])
-
-
-def kafka_client_options(settings: Settings) -> dict[str, object]:
-    """Connection options shared by the consumer and the producer."""
-    return {"bootstrap_servers": settings.kafka_bootstrap_servers, "client_id": settings.kafka_client_id}
 
 
 class KafkaSource:
@@ -79,6 +75,13 @@ class KafkaSource:
     def resume(self) -> None:
         self.paused = False
         self._consumer.resume(*self._consumer.assignment())
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The partition's end offset as of the last fetch (None before one)."""
+        try:
+            return self._consumer.highwater(KafkaTP(tp.topic, tp.partition))
+        except (AssertionError, KeyError, IllegalStateError):
+            return None
 
     def connected(self) -> bool:
         """Whether the group coordinator is known: False while the brokers cannot be reached."""

@@ -56,9 +56,11 @@ async def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def log_tail(process: subprocess.Popen) -> str:
+def log_tail(process: subprocess.Popen, limit: int | None = 3000) -> str:
+    """The process's log so far (its last `limit` characters, or all of it)."""
     process.log.seek(0)  # type: ignore[attr-defined]
-    return process.log.read().decode(errors="replace")[-3000:]  # type: ignore[attr-defined]
+    text = process.log.read().decode(errors="replace")  # type: ignore[attr-defined]
+    return text if limit is None else text[-limit:]
 
 
 async def wait_exit(process: subprocess.Popen, timeout: float) -> int:

@@ -20,7 +20,7 @@ _offsets = itertools.count()
 
 def entries(n: int, source: object = "p0", start: float = 0.0) -> list[Entry]:
     """n samples from one partition, with increasing starts and offsets unique across the test module."""
-    return [Entry(start + i, b'{"i":%d}' % i, source, next(_offsets)) for i in range(n)]
+    return [Entry(start + i, b'{"i":%d}' % i, source, next(_offsets), 0.0) for i in range(n)]
 
 
 def batcher(max_samples: int = 10, window: float = WINDOW, hold: float = HOLD, max_age: float = MAX_AGE) -> Batcher:
@@ -433,7 +433,7 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
         op = rng.random()
         if op < 0.40:
             source = rng.choice(sources)
-            new = [Entry(rng.uniform(0, 1e6), b"{}", source, len(added) + i) for i in range(rng.randint(1, 9))]
+            new = [Entry(rng.uniform(0, 1e6), b"{}", source, len(added) + i, 0.0) for i in range(rng.randint(1, 9))]
             for e in new:
                 added[e.offset] = e
                 buffered.add(e.offset)
