@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install kafka clean
+.PHONY: demo test lint install kafka deploy-checks bench clean
 
 $(BIN)/stream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,20 @@ install: $(BIN)/stream
 demo: $(BIN)/stream
 	$(BIN)/stream demo
 
+# Installs what the checks need when it is missing (helm, promtool and the Prometheus server, hadolint,
+# kubernetes-validate), lints and validates the chart and deploy assets, then runs the whole test suite
+# (unit, integration against a real Kafka broker it starts itself, deploy).
 test: $(BIN)/stream
+	PYTHON=$(BIN)/python .ci/deploy-checks
 	$(BIN)/stream kafka --resolve-only
 	$(BIN)/python -m pytest
+
+deploy-checks: $(BIN)/stream
+	PYTHON=$(BIN)/python .ci/deploy-checks
+
+bench: $(BIN)/stream
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench
 
 lint: $(BIN)/stream
 	$(BIN)/ruff check .

@@ -144,7 +144,7 @@ def _main(argv: list[str]) -> int:
         builtin, crds = split(docs)
         Path(paths[1]).write_text(yaml.safe_dump_all(builtin, sort_keys=False))
         Path(paths[2]).write_text(yaml.safe_dump_all(crds, sort_keys=False))
-        print(f"{paths[0]}: {len(builtin)} built-in objects, {len(crds)} custom resources "
+        print(f"{paths[0]}: {len(builtin)} built-in objects, {len(crds)} custom resource(s) "
               f"({', '.join(sorted(d['kind'] for d in crds)) or 'none'})")
         return 0
     if command == "rules":

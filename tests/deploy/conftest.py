@@ -15,7 +15,7 @@ def helm() -> str:
 
     path = chart.helm_binary()
     if path is None:
-        pytest.skip("helm is not installed: .ci/deploy-checks installs it (go install helm.sh/helm/v3/cmd/helm@v3.22.0)")
+        pytest.skip("helm is not installed: .ci/deploy-checks installs it (go install helm.sh/helm/v3/cmd/helm)")
     return path
 
 

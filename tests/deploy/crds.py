@@ -13,7 +13,11 @@ import jsonschema
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _STR_MAP = {"type": "object", "additionalProperties": _STR}
-_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+# Prometheus durations, as the CRDs' pattern has them.
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 _LABEL_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
