@@ -6,13 +6,17 @@ A buffer that cannot reach the API's minimum of 3 samples waits `hold` seconds f
 out to be parked (written to the pending topic, to come back and join later samples) or, once its oldest
 sample is older than `max_age` (wall clock, kept across parking), to be dead-lettered.
 
-Deadlines sit in one heap with lazy invalidation: O(log n) per new buffer, O(1) per further sample, and
-no task or timer per buffer.
+Deadlines cost O(1) per buffer and no task or timer: every buffer gets the same window, so buffers wait
+in a FIFO queue in the order they were created, and those still too small at their window move, in the
+same order, to a second FIFO queue for the hold. The rare buffer that needs a second look (its batch came
+back, or a rebalance took samples out of it) goes into a small heap. An entry whose buffer is gone is
+skipped when it comes up.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -60,13 +64,13 @@ _by_start = attrgetter("start")
 
 
 class _Buffer:
-    __slots__ = ("born", "entries", "gen", "since")
+    __slots__ = ("born", "entries", "key", "since")
 
-    def __init__(self, since: float, born: float, gen: int) -> None:
+    def __init__(self, key: Key, since: float, born: float) -> None:
+        self.key = key
         self.entries: list[Entry] = []
         self.since = since  # monotonic time the oldest buffered sample arrived (window and hold)
         self.born = born  # wall time the oldest sample was first seen, kept across parking (max age)
-        self.gen = gen  # identifies this buffer's timers; a timer of an older buffer is ignored
 
 
 def plan_take(n: int, max_samples: int) -> int:
@@ -91,10 +95,12 @@ class Batcher:
         self.hold = hold
         self.max_age = max_age
         self._buffers: dict[Key, _Buffer] = {}
-        self._timers: list[tuple[float, int, Key]] = []  # (when, gen, key)
+        self._window_queue: deque[_Buffer] = deque()  # due at since + window, in creation order
+        self._hold_queue: deque[_Buffer] = deque()  # still below 3 at their window: due at since + hold
+        self._recheck: list[tuple[float, int, _Buffer]] = []  # (when, tie-breaker, buffer): a second look
+        self._rechecks = 0
         self._ready: dict[Key, str] = {}  # keys whose buffer may leave now, in arrival order -> reason
         self._in_flight: set[Key] = set()
-        self._gen = 0
         self._samples = 0
         self._flush_reason: str | None = None  # set while draining everything (shutdown)
 
@@ -103,9 +109,8 @@ class Batcher:
     def add(self, key: Key, entries: list[Entry], now: float, born: float) -> None:
         buffer = self._buffers.get(key)
         if buffer is None:
-            self._gen += 1
-            buffer = self._buffers[key] = _Buffer(now, born, self._gen)
-            heapq.heappush(self._timers, (now + self.window, buffer.gen, key))
+            buffer = self._buffers[key] = _Buffer(key, now, born)
+            self._window_queue.append(buffer)
         elif born < buffer.born:
             buffer.born = born
         buffer.entries.extend(entries)
@@ -146,8 +151,7 @@ class Batcher:
         elif size >= MIN_SAMPLES and (self._flush_reason or now >= buffer.since + self.window):
             self._ready[key] = self._flush_reason or "window"
         else:
-            when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
-            heapq.heappush(self._timers, (when, buffer.gen, key))
+            self._look_again(buffer, now)
 
     def flush_all(self, reason: str) -> None:
         """Mark every buffer that can make a request as ready now (shutdown, revoke)."""
@@ -183,8 +187,8 @@ class Batcher:
                 del self._buffers[key]  # done() copes with a key whose buffer is gone
                 self._ready.pop(key, None)
             else:
-                # What is left may be too small now, or its timers may have fired: have it looked at again.
-                heapq.heappush(self._timers, (buffer.since + self.window, buffer.gen, key))
+                # What is left may be too small now, or its deadlines may have passed: look at it again.
+                self._look_again(buffer, buffer.since)
         self._samples -= dropped
         return dropped
 
@@ -216,21 +220,48 @@ class Batcher:
     # -- internals ------------------------------------------------------------------------------------
 
     def _fire_timers(self, now: float, wall: float, work: Work) -> None:
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, gen, key = heapq.heappop(timers)
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.gen != gen or key in self._in_flight:
-                continue  # gone, replaced, or re-evaluated by done() when its batch returns
-            if not buffer.entries:
-                del self._buffers[key]
-            elif len(buffer.entries) >= MIN_SAMPLES:
-                self._ready.setdefault(key, "window")
+        window_queue, hold_queue, recheck = self._window_queue, self._hold_queue, self._recheck
+        while window_queue and window_queue[0].since + self.window <= now:
+            buffer = window_queue.popleft()
+            if self._is_idle(buffer):
+                if len(buffer.entries) >= MIN_SAMPLES:
+                    self._ready.setdefault(buffer.key, "window")
+                else:
+                    hold_queue.append(buffer)  # since order is kept: the hold queue stays in deadline order
+        while hold_queue and hold_queue[0].since + self.hold <= now:
+            buffer = hold_queue.popleft()
+            if self._is_idle(buffer):
+                self._settle_small(buffer, wall, work)
+        while recheck and recheck[0][0] <= now:
+            buffer = heapq.heappop(recheck)[2]
+            if not self._is_idle(buffer):
+                continue
+            if len(buffer.entries) >= MIN_SAMPLES:
+                self._ready.setdefault(buffer.key, "window")
             elif now >= buffer.since + self.hold:
-                small = self._remove(key, buffer)
-                (work.expire if wall >= small.born + self.max_age else work.park).append(small)
+                self._settle_small(buffer, wall, work)
             else:
-                heapq.heappush(timers, (buffer.since + self.hold, gen, key))
+                self._look_again(buffer, now)
+
+    def _is_idle(self, buffer: _Buffer) -> bool:
+        """Still the key's live buffer, and not waiting for a batch of its key (done() looks at it then)."""
+        return self._buffers.get(buffer.key) is buffer and buffer.key not in self._in_flight
+
+    def _settle_small(self, buffer: _Buffer, wall: float, work: Work) -> None:
+        """A buffer whose hold is over: sendable after all, empty, or handed out to be parked or expired."""
+        if len(buffer.entries) >= MIN_SAMPLES:
+            self._ready.setdefault(buffer.key, "window")
+        elif not buffer.entries:
+            del self._buffers[buffer.key]
+        else:
+            small = self._remove(buffer.key, buffer)
+            (work.expire if wall >= small.born + self.max_age else work.park).append(small)
+
+    def _look_again(self, buffer: _Buffer, now: float) -> None:
+        """Have a buffer looked at again at its next deadline (the window, else the hold)."""
+        when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
+        self._rechecks += 1
+        heapq.heappush(self._recheck, (when, self._rechecks, buffer))
 
     def _take_batch(self, key: Key, reason: str) -> Batch | None:
         buffer = self._buffers.get(key)
