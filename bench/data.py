@@ -52,10 +52,12 @@ def many_keys_records(keys: int, seed: int = 13) -> tuple[list[tuple[bytes, byte
     rng = random.Random(seed)
     encode = msgspec.json.Encoder().encode
     out: list[tuple[bytes, bytes]] = []
+    half = len(pool) // 2
     for user_id in data.user_ids(keys):
         key = user_id.encode()
+        base = half * rng.randrange(2)  # one data type per user: one key per user
         for _ in range(rng.randint(1, 2)):
-            data_type, sample = pool[rng.randrange(len(pool))]
+            data_type, sample = pool[base + rng.randrange(half)]
             out.append((key, encode({"user_id": user_id, "data_type": data_type, **sample})))
     rng.shuffle(out)
     return out, len(out)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -145,9 +146,13 @@ class Proc:
             return ""
 
 
+def _open_log(path: Path):
+    return open(path, "ab")  # handed to the child, closed by spawn() right after
+
+
 async def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None, **kw: Any) -> Proc:
     log_path = workdir / f"{name}.log"
-    log = open(log_path, "ab")  # noqa: SIM115 -- the child keeps it; closed when we are done with the run
+    log = _open_log(log_path)
     spawned = now()
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=kw.pop("stdout", log), stderr=log, env=env if env is not None else os.environ.copy(), **kw
@@ -264,7 +269,9 @@ class Marks:
     spawned: float
     first_t: float | None = None
     first_n: int = 0
+    cpu_first: float = 0.0
     zero_t: float | None = None  # last observation with nothing yet (fallback for tiny runs)
+    cpu_zero: float = 0.0
     t99: float | None = None
     n99: int = 0
     cpu99: float = 0.0
@@ -275,15 +282,16 @@ class Marks:
 
 def contender_figures(marks: Marks, total: int, usage_end: proc.Usage, other0: dict[str, float]) -> dict[str, Any]:
     assert marks.t99 is not None and marks.first_t is not None
-    first_t, first_n = marks.first_t, marks.first_n
+    first_t, first_n, cpu_first = marks.first_t, marks.first_n, marks.cpu_first
     if marks.t99 <= first_t or marks.n99 <= first_n:
         # Tiny runs: the first observation already held 99 %; measure from the last empty one instead.
-        first_t, first_n = (marks.zero_t if marks.zero_t is not None else marks.spawned), 0
+        first_t, first_n, cpu_first = (marks.zero_t or marks.spawned), 0, marks.cpu_zero
     steady = (marks.n99 - first_n) / (marks.t99 - first_t)
     return {
         "samples": total,
         "steady_samples_per_s": steady,
         "startup_samples_per_s": marks.n99 / (marks.t99 - marks.spawned),
+        "steady_cpu_s_per_million": (marks.cpu99 - cpu_first) / (marks.n99 - first_n) * 1e6,
         "cpu_s_per_million": marks.cpu99 / marks.n99 * 1e6,
         "cpu_s_at_99": marks.cpu99,
         "peak_rss_bytes": usage_end.hwm_bytes,
@@ -316,7 +324,7 @@ async def run_self_reporting(bench: Bench, name: str, mode: str, topic: str, tot
                 cpu = contender.usage().cpu_seconds
                 mark = json.loads(line)
                 if mark["mark"] == "first":
-                    marks.first_t, marks.first_n = mark["t"], mark["n"]
+                    marks.first_t, marks.first_n, marks.cpu_first = mark["t"], mark["n"], cpu
                 elif mark["mark"] == "p99":
                     marks.t99, marks.n99, marks.cpu99 = mark["t"], mark["n"], cpu
                     marks.other99 = bench.other_cpu()
@@ -345,14 +353,15 @@ async def run_sandbox_polled(
             while True:
                 stats = await bench.sandbox_stats()
                 t, n = now(), stats["accepted_samples"]
-                if n >= mark99 and marks.t99 is None:
-                    marks.cpu99 = contender.usage().cpu_seconds
-                    marks.other99 = bench.other_cpu()
-                    marks.t99, marks.n99 = t, n
-                if n > 0 and marks.first_t is None:
-                    marks.first_t, marks.first_n = t, n
-                elif n == 0:
-                    marks.zero_t = t
+                if marks.t99 is None:
+                    cpu = contender.usage().cpu_seconds
+                    if n >= mark99:
+                        marks.t99, marks.n99, marks.cpu99 = t, n, cpu
+                        marks.other99 = bench.other_cpu()
+                    if n > 0 and marks.first_t is None:
+                        marks.first_t, marks.first_n, marks.cpu_first = t, n, cpu
+                    elif n == 0:
+                        marks.zero_t, marks.cpu_zero = t, cpu
                 marks.n_end = n
                 if n >= total:
                     marks.t100 = t
@@ -419,10 +428,8 @@ async def run_throughput(bench: Bench, which: list[str]) -> None:
 
 
 async def run_quix(bench: Bench, topic: str, total: int) -> dict[str, Any]:
-    try:
-        import quixstreams  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError("quixstreams is not installed (pip install quixstreams)") from exc
+    if importlib.util.find_spec("quixstreams") is None:
+        raise RuntimeError("quixstreams is not installed (pip install quixstreams)")
     pending = f"bench-quix-pending-{tag()}"
     await data.create_topics(bench.bootstrap, [pending], bench.args.partitions)
     state_dir = tempfile.mkdtemp(prefix="quix-state-", dir=bench.workdir)
@@ -439,11 +446,49 @@ async def run_quix(bench: Bench, topic: str, total: int) -> dict[str, Any]:
 async def run_stream(bench: Bench, topic: str, total: int) -> dict[str, Any]:
     port = free_port()
     env = bench.stream_env(topic, f"bench-d-{tag()}", bench.sandbox_url, port)
+    env.update(bench.args.stream_settings)
     await bench.create_side_topics(env)
     argv = [sys.executable, "-m", "stream", "run"]
+    profile = bench.workdir / "d.prof"
+    if bench.args.profile_stream:  # cProfile writes its stats when `stream run` exits after SIGTERM
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "stream", "run"]
     result = await run_sandbox_polled(bench, "d", argv, env, total, metrics_port=port)
-    result["settings"] = "defaults (window 5 s, 16 in flight, max 1000 per batch, 200000 buffered)"
+    result["settings"] = bench.args.stream_settings or "defaults"
+    result["backpressure_pauses"] = count_log_events(bench.workdir / "d.log", "backpressure_on")
+    if bench.args.profile_stream:
+        result["profiled"] = True
+        result["profile_top"] = profile_top(profile) if profile.exists() else []
     return result
+
+
+def count_log_events(path: Path, event: str) -> int:
+    """How many JSON log lines of `stream run` carry this event."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(msgspec.DecodeError):
+                if line.startswith("{") and msgspec.json.decode(line).get("event") == event:
+                    count += 1
+    return count
+
+
+def profile_top(path: Path, count: int = 25) -> list[dict[str, Any]]:
+    """The functions where the profiled `stream run` spent the most time of their own."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in stats.values()) or 1.0
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:count]
+    return [
+        {
+            "function": f"{Path(file).parent.name}/{Path(file).name}:{line}({name})" if line else name,
+            "calls": nc,
+            "tottime_s": tt,
+            "share": tt / total,
+            "cumtime_s": ct,
+        }
+        for (file, line, name), (_cc, nc, tt, ct, _callers) in rows
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- latency
@@ -639,26 +684,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tail-seconds", type=float, default=5.0,
                    help="after 99 %%, how long (c)/(d) may take to reach 100 %% before the run ends (5)")
     p.add_argument("--timeout", type=float, default=900.0, help="most seconds one contender may take (900)")
+    p.add_argument("--stream-setting", action="append", default=[], metavar="STREAM_NAME=VALUE",
+                   help="a setting for (d) on top of the defaults, e.g. STREAM_MAX_BUFFERED_SAMPLES=1000000 "
+                   "(repeatable; the throughput contender only)")
+    p.add_argument("--profile-stream", action="store_true",
+                   help="run (d) under cProfile and report where `stream run` spends its time (its figures are then "
+                   "those of a profiled process: slower, not comparable)")
     p.add_argument("--bootstrap", default=None, help="use this running broker instead of starting a local one")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="JSON results (%(default)s)")
     p.add_argument("--markdown", type=Path, default=RESULTS / "latest.md", help="Markdown table (%(default)s)")
     args = p.parse_args(argv)
     args.only_set = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.stream_settings = {}
+    for item in args.stream_setting:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("STREAM_"):
+            p.error(f"--stream-setting: expected STREAM_NAME=VALUE, got {item!r}")
+        args.stream_settings[name] = value
     unknown = set(args.only_set) - set(ALL)
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}; choose among {','.join(ALL)}")
     return args
 
 
+_NOT_PARAMS = ("output", "markdown", "only_set", "stream_setting")
+
+
+def code_version() -> dict[str, Any]:
+    """Which `stream` was measured: the git commit, the files of stream/ that differ from it, and a hash of
+    stream/*.py as they are on disk (compared at the end: a change during the run makes its figures mixed)."""
+    import hashlib
+    import subprocess
+
+    import stream
+
+    package = Path(stream.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    out: dict[str, Any] = {"stream_sha256": digest.hexdigest()[:16]}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(package.parent)]
+        out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       timeout=10).stdout.strip()
+        status = subprocess.run([*git, "status", "--porcelain", "--", "stream"], capture_output=True, text=True,
+                                timeout=10).stdout
+        out["uncommitted"] = [line[3:] for line in status.splitlines()]
+    return out
+
+
 async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": {**proc.machine(), "kafka": kafka_version},
         "packages": proc.package_versions(("aiokafka", "msgspec", "aiohttp", "quixstreams", "confluent-kafka")),
-        "params": {k: v for k, v in vars(args).items() if k not in ("output", "markdown", "only_set")},
+        "params": {k: v for k, v in vars(args).items() if k not in _NOT_PARAMS},
+        "code": code_version(),
         "logs": str(workdir),
     }
     with contextlib.suppress(ImportError):
@@ -693,11 +777,19 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                     print(f"  keys FAILED: {results['keys']['error']}", flush=True)
                 sizes = sorted({min(int(s), args.keys) for s in args.micro_sizes.split(",") if s.strip()})
                 print(f"Batcher micro-benchmark: {sizes} keys ...", flush=True)
-                results["batcher_micro"] = await asyncio.to_thread(microbench.run, sizes)
+                try:
+                    results["batcher_micro"] = await asyncio.to_thread(microbench.run, sizes)
+                except Exception as exc:
+                    results["batcher_micro_error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"  micro-benchmark FAILED: {results['batcher_micro_error']}", flush=True)
         finally:
             assert bench.sandbox is not None
             await bench.sandbox.stop()
     results["machine"]["load_average_end"] = list(os.getloadavg())
+    end = code_version()
+    if end["stream_sha256"] != results["code"]["stream_sha256"]:
+        results["code"]["changed_during_run"] = end
+        print("WARNING: stream/ changed on disk during the run: its figures mix two versions", flush=True)
     results["ratios"] = report.ratios(results.get("contenders", {}))
     results["figures"] = report.figures(results)
     return results
@@ -721,4 +813,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.output} and {args.markdown}")
     failed = [k for k, v in results.get("contenders", {}).items() if "error" in v]
     failed += [k for k in ("latency", "keys") if "error" in results.get(k, {})]
+    failed += ["batcher_micro"] if "batcher_micro_error" in results else []
     return 1 if failed else 0

@@ -303,7 +303,7 @@ def _scram_kwargs(name: str, password: str, mechanism: str = "SCRAM-SHA-256") ->
     }
 
 
-def _pdeathsig_preexec():
+def die_with_parent():
     """preexec_fn making the broker die with the process that started it.
 
     atexit does not run when the test session is SIGKILLed; PR_SET_PDEATHSIG does.
@@ -563,7 +563,7 @@ class LocalKafka:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_pdeathsig_preexec(),
+                preexec_fn=die_with_parent(),
             )
 
     def _wait_until(self, condition: Callable[[], bool], deadline: float, timeout: float) -> None:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from stream.generate import WearableData, produce
+from stream.localkafka import die_with_parent
 
 from .conftest import (
     accepted_identities,
@@ -34,7 +35,8 @@ def start_service(env: dict[str, str]) -> subprocess.Popen:
     # Logs go to a file, not a pipe: a pipe nobody reads would block the service once it is full.
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream", "run"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "stream", "run"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),  # a test session that dies takes its services along
     )
     process.log = log  # type: ignore[attr-defined]
     return process

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from stream.generate import WearableData, produce
+from stream.localkafka import die_with_parent
 
 from .conftest import all_done, eventually, make_settings, settings_env
 from .test_process import expected_identities, free_port, start_service, wait_exit
@@ -37,7 +38,7 @@ def prometheus(tmp_path):
     process = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(),
     )
     try:
         yield f"http://127.0.0.1:{port}", targets

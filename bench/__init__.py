@@ -1,0 +1,1 @@
+"""The benchmark of `stream` (``python -m bench --help``): see bench/run.py."""

@@ -1,0 +1,183 @@
+"""Tables of the benchmark's results: text for the terminal, Markdown for the README, flat figures for tests."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+CONTENDERS = {
+    "a": "aiokafka consumer, records discarded (client ceiling)",
+    "b": "aiokafka consumer + msgspec decode of each value",
+    "c": "Quix Streams, whole job (consume, batch per key, POST)",
+    "d": "stream run, whole job",
+}
+METRICS = (  # key, heading, format, higher is better
+    ("steady_samples_per_s", "steady samples/s", "{:,.0f}", True),
+    ("startup_samples_per_s", "samples/s incl. start-up", "{:,.0f}", True),
+    ("steady_cpu_s_per_million", "CPU s / M samples, steady", "{:.2f}", False),
+    ("cpu_s_per_million", "CPU s / M samples incl. start-up", "{:.2f}", False),
+    ("peak_rss_bytes", "peak RSS MiB", "{:,.0f}", False),
+)
+
+
+def _fmt(key: str, value: Any, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if key.endswith("_bytes"):
+        value = value / 2**20
+    return pattern.format(value)
+
+
+def ratios(contenders: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """(d) divided by each other contender, metric by metric (only where both have figures)."""
+    d = contenders.get("d", {})
+    out: dict[str, dict[str, float]] = {}
+    if "error" in d or not d:
+        return out
+    for other in ("a", "b", "c"):
+        o = contenders.get(other)
+        if not o or "error" in o:
+            continue
+        out[f"d_over_{other}"] = {key: d[key] / o[key] for key, *_ in METRICS if o.get(key)}
+    return out
+
+
+def figures(results: dict[str, Any]) -> dict[str, float]:
+    """Every headline figure as one flat name -> number map (each must be a positive, finite number)."""
+    out: dict[str, float] = {}
+    for name, result in results.get("contenders", {}).items():
+        if "error" in result:
+            continue
+        for key, *_ in METRICS:
+            out[f"{name}.{key}"] = result[key]
+    for pair, values in results.get("ratios", {}).items():
+        for key, value in values.items():
+            out[f"ratio.{pair}.{key}"] = value
+    latency = results.get("latency", {})
+    if latency and "error" not in latency:
+        for key in ("p50_seconds", "p99_seconds", "window_seconds", "measured_fraction"):
+            out[f"latency.{key}"] = latency[key]
+    keys = results.get("keys", {})
+    if keys and "error" not in keys:
+        for key in ("bytes_per_buffered_sample", "bytes_per_key", "buffered_samples", "buffers"):
+            out[f"keys.{key}"] = keys[key]
+    for row in results.get("batcher_micro", []):
+        out[f"batcher.{row['keys']}.us_per_record"] = row["us_per_record"]
+    return out
+
+
+def contender_line(name: str, r: dict[str, Any]) -> str:
+    t100 = f"{r['t100_s']:.1f}s" if r.get("t100_s") is not None else f"{r['delivered_fraction']:.2%} at end"
+    return (f"({name}) steady {r['steady_samples_per_s']:,.0f}/s, incl. start-up {r['startup_samples_per_s']:,.0f}/s, "
+            f"CPU {r['cpu_s_per_million']:.2f} s/M, peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB, "
+            f"first {r['first_s']:.1f}s, 99% {r['t99_s']:.1f}s, 100% {t100}")
+
+
+def latency_line(r: dict[str, Any]) -> str:
+    produced = r["producer"]
+    return (f"p50 {r['p50_seconds'] * 1000:,.0f} ms, p99 {r['p99_seconds'] * 1000:,.0f} ms, max "
+            f"{r['max_seconds'] * 1000:,.0f} ms (window {r['window_seconds']:g} s, {r['users']:,} users; "
+            f"{r['measured_samples']:,} samples = {r['measured_fraction']:.1%} of {produced['produced']:,} "
+            f"produced at {produced['rate']:,.0f}/s)")
+
+
+def keys_line(r: dict[str, Any]) -> str:
+    grown = r["rss_growth_bytes"] / 2**20
+    return (f"{r['buffered_samples']:,.0f} samples in {r['buffers']:,.0f} buffers: RSS +{grown:,.0f} MiB = "
+            f"{r['bytes_per_buffered_sample']:,.0f} B/sample, {r['bytes_per_key']:,.0f} B/key")
+
+
+def _rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    head = ["contender", *(h for _, h, _, _ in METRICS), "99 % at s"]
+    rows = []
+    for name, label in CONTENDERS.items():
+        r = results.get("contenders", {}).get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append([f"({name}) {label}", f"FAILED: {r['error'][:80]}", *[""] * len(METRICS)])
+            continue
+        label += " (profiled)" if r.get("profiled") else ""
+        label += "".join(f", {k}={v}" for k, v in r["settings"].items()) if isinstance(r.get("settings"), dict) else ""
+        rows.append([f"({name}) {label}", *(_fmt(k, r.get(k), f) for k, _, f, _ in METRICS), f"{r['t99_s']:.1f}"])
+    ratio_head = ["ratio", *(h for _, h, _, _ in METRICS)]
+    ratio_rows = []
+    for pair, values in results.get("ratios", {}).items():
+        other = pair.rsplit("_", 1)[1]
+        ratio_rows.append([f"(d) / ({other})", *(f"{values[k]:.2f}" if k in values else "-" for k, *_ in METRICS)])
+    return head, rows, ratio_head, ratio_rows
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"
+    lines = ["| " + " | ".join(head) + " |", rule]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine_line(results: dict[str, Any]) -> str:
+    m, p, code = results["machine"], results.get("packages", {}), results.get("code", {})
+    load = ", ".join(f"{x:.1f}" for x in m.get("load_average", []))
+    version = f"stream at {code.get('commit', '?')}" + (" + uncommitted changes" if code.get("uncommitted") else "")
+    if code.get("changed_during_run"):
+        version += " (CHANGED DURING THE RUN: mixed figures)"
+    return (f"{m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['kafka']}, aiokafka {p.get('aiokafka')}, "
+            f"msgspec {p.get('msgspec')}, quixstreams {p.get('quixstreams')} (librdkafka {p.get('librdkafka', '-')}); "
+            f"load average at start {load}; {version}")
+
+
+def _extra_lines(results: dict[str, Any]) -> list[str]:
+    out = []
+    produce = results.get("produce")
+    if produce:
+        out.append(f"topic: {produce['records']:,} single-sample events, {results['params']['users']:,} users, "
+                   f"{results['params']['partitions']} partitions (produced in {produce['produce_seconds']:.1f} s)")
+    latency = results.get("latency")
+    if latency:
+        out.append("latency (`stream run`, Kafka timestamp -> API acceptance): "
+                   + (latency_line(latency) if "error" not in latency else "FAILED: " + latency["error"]))
+    keys = results.get("keys")
+    if keys:
+        out.append(f"many keys ({keys.get('keys', 0):,} users of 1-2 samples, nothing sendable): "
+                   + (keys_line(keys) if "error" not in keys else "FAILED: " + keys["error"]))
+    top = results.get("contenders", {}).get("d", {}).get("profile_top")
+    if top:
+        out.append("where `stream run` spends its own time (cProfile, share of all profiled time): " + ", ".join(
+            f"{row['function']} {row['share']:.0%}" for row in top[:15]))
+    micro = results.get("batcher_micro")
+    if micro:
+        out.append("Batcher.add + poll per record: " + ", ".join(
+            f"{row['keys']:,} keys {row['us_per_record']:.2f} us (gc off {row['us_per_record_gc_off']:.2f})"
+            for row in micro))
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    head, rows, ratio_head, ratio_rows = _rows(results)
+    parts = ["machine: " + _machine_line(results), ""]
+    if rows:
+        parts += [_text_table(head, rows), ""]
+    if ratio_rows:
+        parts += [_text_table(ratio_head, ratio_rows), ""]
+    parts += _extra_lines(results)
+    return "\n".join(parts)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    head, rows, ratio_head, ratio_rows = _rows(results)
+    parts = [f"Benchmark of {results.get('started', '')}: `{results.get('command', 'python -m bench')}`", "",
+             "Machine: " + _machine_line(results), ""]
+    if rows:
+        parts += [_md_table(head, rows), ""]
+    if ratio_rows:
+        parts += [_md_table(ratio_head, ratio_rows), ""]
+    parts += [f"- {line}" for line in _extra_lines(results)]
+    return "\n".join(parts) + "\n"
