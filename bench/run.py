@@ -49,7 +49,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from bench import data, microbench, proc, report
+from bench import data, microbench, proc, report, snapshot
 
 ALL = ("a", "b", "c", "d", "latency", "keys")
 TOKEN = "bench-token"
@@ -154,8 +154,11 @@ async def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] |
     log_path = workdir / f"{name}.log"
     log = _open_log(log_path)
     spawned = now()
+    # cwd: the run's directory, never the repository: `python -m` puts the cwd first on sys.path, and `stream`
+    # must come from the copy that bench.snapshot put on PYTHONPATH.
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=kw.pop("stdout", log), stderr=log, env=env if env is not None else os.environ.copy(), **kw
+        *argv, stdout=kw.pop("stdout", log), stderr=log, env=env if env is not None else os.environ.copy(),
+        cwd=workdir, **kw,
     )
     log.close()  # the child has its own copy of the descriptor
     return Proc(name, process, spawned, log_path)
@@ -711,21 +714,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 _NOT_PARAMS = ("output", "markdown", "only_set", "stream_setting")
 
 
-def code_version() -> dict[str, Any]:
-    """Which `stream` was measured: the git commit, the files of stream/ that differ from it, and a hash of
-    stream/*.py as they are on disk (compared at the end: a change during the run makes its figures mixed)."""
+def _tree_hash(package: Path) -> str:
     import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> dict[str, Any]:
+    """Which `stream` is measured: the package this process imports (bench.snapshot's copy when run as
+    `python -m bench`), with the working tree's git commit and its uncommitted files in stream/."""
     import subprocess
 
     import stream
 
-    package = Path(stream.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    out: dict[str, Any] = {"stream_sha256": digest.hexdigest()[:16]}
+    measured = Path(stream.__file__).resolve().parent
+    out: dict[str, Any] = {"stream_sha256": _tree_hash(measured), "measured_from": str(measured)}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(package.parent)]
+        git = ["git", "-C", str(snapshot.REPO)]
         out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        timeout=10).stdout.strip()
         status = subprocess.run([*git, "status", "--porcelain", "--", "stream"], capture_output=True, text=True,
@@ -735,7 +743,7 @@ def code_version() -> dict[str, Any]:
 
 
 async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="stream-bench-"))
+    workdir = snapshot.WORKDIR or Path(tempfile.mkdtemp(prefix="stream-bench-"))
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
@@ -786,10 +794,12 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
             assert bench.sandbox is not None
             await bench.sandbox.stop()
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    end = code_version()
-    if end["stream_sha256"] != results["code"]["stream_sha256"]:
-        results["code"]["changed_during_run"] = end
-        print("WARNING: stream/ changed on disk during the run: its figures mix two versions", flush=True)
+    if _tree_hash(Path(results["code"]["measured_from"])) != results["code"]["stream_sha256"]:
+        results["code"]["changed_during_run"] = True
+        print("WARNING: the measured copy of stream/ changed during the run: its figures mix two versions",
+              flush=True)
+    if _tree_hash(snapshot.REPO / "stream") != results["code"]["stream_sha256"]:
+        results["code"]["working_tree_differs"] = True  # edited since the copy was taken: fine, the copy was run
     results["ratios"] = report.ratios(results.get("contenders", {}))
     results["figures"] = report.figures(results)
     return results

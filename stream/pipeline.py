@@ -311,7 +311,10 @@ class Pipeline:
             self.batcher.flush_keys(self.batcher.keys_with_sources(states), "revoke")
             self._dispatch()
             # Bounded well below the rebalance timeout, so the group is not held up by a failing API.
-            await self._wait_for_work(self.settings.drain_timeout_seconds / 2, only=states)
+            if not await self._wait_for_work(self.settings.drain_timeout_seconds / 2, only=states):
+                # What was accepted above the commit is read again by the partitions' next owner.
+                log.warning("revoke: in-flight work not finished in time; expect redelivery",
+                            extra={"event": "revoke_timeout", "partitions": _names(revoked)})
             await self._commit(set(revoked))
             self.batcher.drop_sources(states)
             self._cancel_deliveries_of(states)

@@ -35,7 +35,7 @@ from .conftest import (
     settings_env,
     wait_for_group_coordinator,
 )
-from .test_process import expected_identities, free_port, metric, start_service, wait_exit
+from .test_process import expected_identities, free_port, log_tail, metric, start_service, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -229,8 +229,8 @@ async def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka, topics
     expected = expected_identities(records)
     total = sum(expected.values())
     await produce(kafka, topics.samples, records)
-    await set_faults(sandbox, latency_ms=25)  # a slow API keeps batches in flight during the rebalances
-    in_flight = 4
+    await set_faults(sandbox, latency_ms=10)  # a slowish API keeps batches in flight during the rebalances
+    in_flight = 8
     env = settings_env(
         make_settings(kafka, topics, sandbox.url, max_in_flight=in_flight, batch_window_seconds=1.0,
                       min_batch_max_age_seconds=10.0, drain_timeout_seconds=30.0)
@@ -253,8 +253,13 @@ async def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka, topics
     accepted = await accepted_identities(sandbox)
     dead = await read_topic(kafka, topics.dlq, expected=0, timeout=2)
     assert_nothing_lost(expected, accepted, dead)
-    # Duplicates come only from batches in flight when a partition moved: at most, per rebalance, every
-    # member's in-flight batches (a user's batch holds at most 80 samples here).
+    logs = "".join(log_tail(m, limit=None) for m in members)
+    assert '"event":"revoked"' in logs, "no rebalance happened: the test proves nothing"
+    # On revoke each member sends what it holds for the revoked partitions and commits once that is done
+    # (here well within its 15 s budget: the API takes 800 requests a second), so duplicates come only
+    # from batches in flight when a partition moved: per rebalance, at most every member's in-flight
+    # batches (a user's batch holds at most 80 samples here).
+    assert '"event":"revoke_timeout"' not in logs
     duplicates = sum((Counter(accepted) - Counter(set(accepted))).values())
     rebalances = 3
     assert duplicates <= rebalances * 3 * in_flight * 80, duplicates
