@@ -192,6 +192,9 @@ class Batcher:
         self._samples -= dropped
         return dropped
 
+    def keys(self) -> set[Key]:
+        return set(self._buffers)
+
     def keys_with_sources(self, sources: set[Any]) -> set[Key]:
         return {k for k, b in self._buffers.items() if any(e.source in sources for e in b.entries)}
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -83,6 +84,25 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """Histogram.observe for many values at once: one bucket search each, one lock per touched bucket.
+
+    The end-to-end latency is observed for every accepted sample; observe() one by one took about 9 % of
+    the service's CPU. This adds to the same (non-cumulative) bucket counters and sum that observe() does
+    (prometheus-client stores them so since 2015); test_metrics checks the two agree.
+    """
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values:
+        counts[bisect.bisect_left(bounds, value)] += 1
+        total += value
+    histogram._sum.inc(total)
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class HealthServer:

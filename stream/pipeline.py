@@ -21,7 +21,7 @@ from stream.batching import Batch, Batcher, Entry, Small
 from stream.config import Settings
 from stream.deadletter import PARKED_BORN_HEADER, KafkaWriter, dead_letter_headers
 from stream.delivery import Delivery, Exhausted, Final
-from stream.metrics import Metrics
+from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 from stream.outcome import Partial, Rejected
 from stream.retry import Backoff
@@ -139,6 +139,10 @@ class Pipeline:
         held = self.batcher.buffered_samples + self._in_flight_samples
         limit = self.settings.max_buffered_samples
         if held >= limit and not self.source.paused:
+            # Send every buffer that can be sent now rather than at its window: while fetching is paused,
+            # waiting for windows to close would only idle (the throughput would be limit / window).
+            self.batcher.flush_keys(self.batcher.keys(), "pressure")
+            self._dispatch()
             self.source.pause()
             self.metrics.paused.set(1)
             log.warning("fetching paused: too many samples held", extra={"event": "backpressure_on", "held": held})
@@ -227,11 +231,13 @@ class Pipeline:
             else:
                 refused = {i: f"the API refused it: {r}" for i, r in outcome.refused.items() if 0 <= i < len(entries)}
         wall = self._wall()
-        observe = self.metrics.e2e_latency.observe
-        for index, entry in enumerate(entries):
-            if index not in refused:
-                entry.source.ack(entry.offset)
-                observe(wall - entry.timestamp)
+        if refused:
+            accepted = [e for i, e in enumerate(entries) if i not in refused]
+        else:
+            accepted = entries
+        for entry in accepted:
+            entry.source.ack(entry.offset)
+        observe_many(self.metrics.e2e_latency, [wall - e.timestamp for e in accepted])
         self.metrics.samples.labels("accepted", data_type).inc(len(entries) - len(refused))
         for index, message in refused.items():
             entry = entries[index]
