@@ -29,7 +29,7 @@ deploy-checks: $(BIN)/stream
 
 bench: $(BIN)/stream
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 lint: $(BIN)/stream
 	$(BIN)/ruff check .
