@@ -107,13 +107,16 @@ class Batcher:
     # -- intake ---------------------------------------------------------------------------------------
 
     def add(self, key: Key, entries: list[Entry], now: float, born: float) -> None:
+        """Buffer a record's samples. The batcher keeps `entries` itself: the caller hands it over."""
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = _Buffer(key, now, born)
+            buffer.entries = entries  # exactly sized: with a million keys of 1-2 samples, slack adds up
             self._window_queue.append(buffer)
-        elif born < buffer.born:
-            buffer.born = born
-        buffer.entries.extend(entries)
+        else:
+            if born < buffer.born:
+                buffer.born = born
+            buffer.entries.extend(entries)
         self._samples += len(entries)
         if key in self._in_flight:
             return  # done() decides when the key's batch returns
