@@ -11,7 +11,7 @@ import logging
 import random
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from stream.config import Settings
 from stream.kafka_options import kafka_client_options
@@ -33,6 +33,7 @@ def dead_letter_headers(reason: str, message: str, topic: str, partition: int, o
 
 
 PARKED_BORN_HEADER = "stream.parked.born"
+DROP_VALUE_ABOVE = 256 * 1024  # bytes: a dead letter this large that Kafka refuses as too large loses its value
 
 
 class KafkaWriter:
@@ -71,6 +72,15 @@ class KafkaWriter:
                 sent = await self._producer.send(topic, value=value, key=key, headers=headers)
                 await sent
             except KafkaError as exc:
+                if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError) and len(value) >= DROP_VALUE_ABOVE:
+                    # Kafka will never take it as it is: keep the reason and the source headers (they point
+                    # at the original record), drop the value. Smaller records that failed only because they
+                    # shared a request with such a one are retried as they are.
+                    log.error("record too large for its topic: writing it without its value",
+                              extra={"event": "write_value_dropped", "topic": topic, "error": type(exc).__name__})
+                    headers = [*headers, ("stream.error.value_dropped", str(len(value)).encode())]
+                    value = b""
+                    continue
                 delay = self._backoff.delay(attempt, None, self._rng)
                 log.warning(
                     "kafka write failed, retrying",

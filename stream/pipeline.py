@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 
 from stream.batching import Batch, Batcher, Entry, Small
 from stream.config import Settings
@@ -33,6 +34,7 @@ from stream.throttle import Gate, Throttle
 log = logging.getLogger("stream.pipeline")
 
 FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are checked
+FETCH_RETRY_SECONDS = 1.0
 RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
 
 
@@ -119,7 +121,15 @@ class Pipeline:
 
     async def _step(self) -> None:
         """One iteration: fetch, ingest, hand out due work, commit when it is time."""
-        fetched = await self.source.fetch(FETCH_TIMEOUT)
+        try:
+            fetched = await self.source.fetch(FETCH_TIMEOUT)
+        except KafkaError as exc:
+            # A fetch error (a corrupt batch, an authorisation problem) must not end the service: log it,
+            # keep delivering what is held, and try again shortly.
+            log.error("fetch failed; retrying", extra={"event": "fetch_failed", "error": type(exc).__name__})
+            self._dispatch()
+            await asyncio.sleep(FETCH_RETRY_SECONDS)
+            return
         now, wall = self._clock(), self._wall()
         for tp, records in fetched.items():
             state = self.tracker.get(tp)
@@ -194,21 +204,21 @@ class Pipeline:
         self._update_gauges()
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        # Here, not in _deliver: a task cancelled before it first ran never runs its own `finally`, and its
+        # key would stay "in flight" for good.
         batch = self._deliveries.pop(task)
         self._in_flight_samples -= len(batch.entries)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery failed unexpectedly", exc_info=task.exception(), extra={"event": "delivery_error"})
+        self.batcher.done(batch.key, self._clock())
+        self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
 
     async def _deliver(self, batch: Batch) -> None:
         user_id, data_type = batch.key
         body = batch_body(user_id, data_type, [e.body for e in batch.entries])
         self.metrics.flushes.labels(batch.reason).inc()
         self.metrics.batch_size.observe(len(batch.entries))
-        try:
-            self._settle(batch, await self.delivery.send(body, data_type))
-        finally:
-            self.batcher.done(batch.key, self._clock())
-            self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
+        self._settle(batch, await self.delivery.send(body, data_type))
 
     def _settle(self, batch: Batch, outcome: Final) -> None:
         """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written."""

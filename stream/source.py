@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -15,6 +16,8 @@ from stream.kafka_options import kafka_client_options
 from stream.offsets import TopicPartition
 
 log = logging.getLogger("stream.source")
+
+COMMIT_TIMEOUT_SECONDS = 10.0  # a commit that takes longer is abandoned and retried at the next interval
 
 PartitionsCallback = Callable[[list[TopicPartition]], Awaitable[None]]
 
@@ -61,8 +64,12 @@ class KafkaSource:
         if not offsets:
             return True
         try:
-            await self._consumer.commit({KafkaTP(tp.topic, tp.partition): o for tp, o in offsets.items()})
-        except (CommitFailedError, KafkaError) as exc:
+            # aiokafka waits for the coordinator without limit; a commit must not stall the loop or a drain.
+            await asyncio.wait_for(
+                self._consumer.commit({KafkaTP(tp.topic, tp.partition): o for tp, o in offsets.items()}),
+                timeout=COMMIT_TIMEOUT_SECONDS,
+            )
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
             log.warning("commit failed", extra={"event": "commit_failed", "error": type(exc).__name__})
             return False
         return True

@@ -157,3 +157,24 @@ async def test_a_lonely_sample_is_parked_and_joins_the_users_later_samples(kafka
     accepted = await accepted_identities(sandbox)
     assert sorted(accepted) == sorted(i for r in first + second for i in identities_of(r))
     assert (await sandbox_stats(sandbox))["requests"] == 1
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "snappy", "gzip"])
+async def test_compressed_input_is_read_like_any_other(kafka, topics, sandbox, codec):
+    from aiokafka import AIOKafkaProducer
+
+    from .conftest import all_done
+
+    data = WearableData(seed=6)
+    (user,) = data.user_ids(1)
+    records = list(data.records(user, "bpm", 5))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, compression_type=codec)
+    await producer.start()
+    try:
+        for r in records:
+            await producer.send_and_wait(topics.samples, r.value, key=r.key)
+    finally:
+        await producer.stop()
+    async with running(make_settings(kafka, topics, sandbox.url)):
+        await eventually(lambda: all_done(kafka, topics), what=f"{codec} records delivered")
+    assert sorted(await accepted_identities(sandbox)) == sorted(i for r in records for i in identities_of(r))
