@@ -93,9 +93,3 @@ class KafkaWriter:
                 done.set_result(None)
             return
 
-    async def flush(self) -> None:
-        await self._producer.flush()
-
-    @property
-    def pending_writes(self) -> int:
-        return len(self._tasks)

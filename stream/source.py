@@ -94,6 +94,3 @@ class KafkaSource:
         """Whether the group coordinator is known: False while the brokers cannot be reached."""
         coordinator = getattr(self._consumer, "_coordinator", None)
         return coordinator is not None and getattr(coordinator, "coordinator_id", None) is not None
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment()}

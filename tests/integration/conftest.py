@@ -55,6 +55,21 @@ async def wait_for_group_coordinator(bootstrap: str, timeout: float = 60.0) -> N
             await asyncio.sleep(0.2)
 
 
+@contextlib.asynccontextmanager
+async def dedicated_broker(name: str, **options: object) -> AsyncIterator[tuple[LocalKafka, Topics]]:
+    """A broker of the test's own (to kill, restart or secure it) with fresh topics; stopped on exit."""
+    broker = LocalKafka(port=0, **options)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, broker.start)  # blocking: kept off the loop the pipeline runs on
+    try:
+        await wait_for_group_coordinator(broker.bootstrap)
+        topics = Topics(f"samples-{name}", f"dlq-{name}", f"pending-{name}", f"group-{name}")
+        await create_topics(broker.bootstrap, [topics.samples, topics.dlq, topics.pending], partitions=4)
+        yield broker, topics
+    finally:
+        await loop.run_in_executor(None, broker.stop)
+
+
 @pytest.fixture
 async def sandbox() -> AsyncIterator[SandboxServer]:
     server = SandboxServer(token=TOKEN, port=0)

@@ -12,8 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from stream.generate import Record, WearableData, produce
-from stream.localkafka import LocalKafka
+from stream.generate import WearableData, produce
 from stream.pipeline import Pipeline
 from stream.token import TokenSource
 
@@ -24,7 +23,7 @@ from .conftest import (
     accepted_identities,
     all_done,
     committed_offsets,
-    create_topics,
+    dedicated_broker,
     eventually,
     make_settings,
     read_topic,
@@ -33,9 +32,8 @@ from .conftest import (
     sandbox_stats,
     set_faults,
     settings_env,
-    wait_for_group_coordinator,
 )
-from .test_process import expected_identities, free_port, log_tail, metric, start_service, wait_exit
+from .test_process import expected_identities, metric, start_service, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -175,13 +173,8 @@ async def test_a_poison_batch_is_dead_lettered_after_retry_max_and_everything_el
 
 
 async def test_the_broker_going_away_and_coming_back_loses_nothing(sandbox, tmp_path):
-    broker = LocalKafka(port=0, data_dir=tmp_path / "kafka")
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, broker.start)
-    try:
-        await wait_for_group_coordinator(broker.bootstrap)
-        topics = Topics("samples-restart", "dlq-restart", "pending-restart", "group-restart")
-        await create_topics(broker.bootstrap, [topics.samples, topics.dlq, topics.pending], partitions=4)
+    async with dedicated_broker("restart", data_dir=tmp_path / "kafka") as (broker, topics):
         records = WearableData(seed=35).mixed(users=200, per_user=(10, 40))
         half = len(records) // 2
         await produce(broker.bootstrap, topics.samples, records[:half])
@@ -199,8 +192,6 @@ async def test_the_broker_going_away_and_coming_back_loses_nothing(sandbox, tmp_
                              what="delivery after the broker came back")
             await eventually(lambda: is_ready(pipeline), what="/readyz to recover")
         dead = await read_topic(broker.bootstrap, topics.dlq, expected=0, timeout=2)
-    finally:
-        await loop.run_in_executor(None, broker.stop)
     assert_nothing_lost(expected_identities(records), await accepted_identities(sandbox), dead)
 
 
@@ -218,104 +209,3 @@ async def not_ready(pipeline: Pipeline) -> bool:
 
 async def is_ready(pipeline: Pipeline) -> bool:
     return pipeline.ready()[0]
-
-
-def unkeyed(records: list[Record]) -> list[Record]:
-    return [Record(b"", r.value, r.samples) for r in records]
-
-
-async def test_members_joining_and_leaving_mid_stream_lose_nothing(kafka, topics, sandbox):
-    records = WearableData(seed=36).mixed(users=600, per_user=(20, 80))
-    expected = expected_identities(records)
-    total = sum(expected.values())
-    await produce(kafka, topics.samples, records)
-    await set_faults(sandbox, latency_ms=10)  # a slowish API keeps batches in flight during the rebalances
-    in_flight = 8
-    env = settings_env(
-        make_settings(kafka, topics, sandbox.url, max_in_flight=in_flight, batch_window_seconds=1.0,
-                      min_batch_max_age_seconds=10.0, drain_timeout_seconds=30.0)
-    )
-    members = [start_service(env), start_service(env)]
-    try:
-        await eventually(lambda: accepted_at_least(sandbox, total // 5), timeout=120, what="a fifth delivered")
-        members.append(start_service(env))  # a third member joins
-        await eventually(lambda: accepted_at_least(sandbox, total // 2), timeout=120, what="half delivered")
-        members[0].send_signal(signal.SIGTERM)  # the first one leaves
-        assert await wait_exit(members[0], 60) == 0
-        await eventually(lambda: all_done(kafka, topics), timeout=180, what="the rest delivered by the others")
-        for member in members[1:]:
-            member.send_signal(signal.SIGTERM)
-        for member in members[1:]:
-            assert await wait_exit(member, 60) == 0
-    finally:
-        for member in members:
-            member.kill()
-    accepted = await accepted_identities(sandbox)
-    dead = await read_topic(kafka, topics.dlq, expected=0, timeout=2)
-    assert_nothing_lost(expected, accepted, dead)
-    logs = "".join(log_tail(m, limit=None) for m in members)
-    assert '"event":"revoked"' in logs, "no rebalance happened: the test proves nothing"
-    # On revoke each member sends what it holds for the revoked partitions and commits once that is done
-    # (here well within its 15 s budget: the API takes 800 requests a second), so duplicates come only
-    # from batches in flight when a partition moved: per rebalance, at most every member's in-flight
-    # batches (a user's batch holds at most 80 samples here).
-    assert '"event":"revoke_timeout"' not in logs
-    duplicates = sum((Counter(accepted) - Counter(set(accepted))).values())
-    rebalances = 3
-    assert duplicates <= rebalances * 3 * in_flight * 80, duplicates
-
-
-# Documented in the README ("Memory"): with the default STREAM_MAX_BUFFERED_SAMPLES of 200000.
-PEAK_RSS_BOUND_MB = 300
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-async def test_a_long_outage_with_a_million_events_waiting_keeps_memory_bounded(kafka, topics, sandbox):
-    users, per_key = 5000, 100  # 5000 users x 2 data types x 100 = 1M single-sample events
-    data = WearableData(seed=37)
-    records: list[Record] = []
-    for user in data.user_ids(users):
-        for data_type in ("steps", "bpm"):
-            records.extend(data.records(user, data_type, per_key))
-    await produce(kafka, topics.samples, records)
-    del records
-    await set_faults(sandbox, fail_all_status=503)
-    outage_started = asyncio.get_running_loop().time()
-    port = free_port()
-    env = settings_env(make_settings(
-        kafka, topics, sandbox.url, metrics_port=port, batch_window_seconds=5.0, commit_interval_seconds=5.0,
-        retry_backoff_first_seconds=0.5, retry_backoff_max_seconds=5.0,
-        max_buffered_samples=200_000, min_batch_max_age_seconds=86400.0,
-    ))
-    service = start_service(env)
-    try:
-        await eventually(lambda: metric_at_least(port, "stream_fetch_paused", 1), timeout=120,
-                         what="fetching to pause at the memory bound")
-        await asyncio.sleep(max(0.0, outage_started + 60 - asyncio.get_running_loop().time()))  # the outage
-        during_outage = peak_rss_mb(service.pid)
-        assert during_outage < PEAK_RSS_BOUND_MB, f"peak RSS {during_outage:.0f} MB during the outage"
-        held = await metric(port, "stream_buffered_samples")
-        assert held <= 200_000
-
-        await set_faults(sandbox)  # the API recovers
-        await eventually(lambda: all_done(kafka, topics), timeout=300, what="the backlog to drain")
-        peak = peak_rss_mb(service.pid)
-        service.send_signal(signal.SIGTERM)
-        assert await wait_exit(service, 60) == 0
-    finally:
-        service.kill()
-    print(f"peak RSS: {during_outage:.0f} MB during the outage, {peak:.0f} MB in all")
-    assert peak < PEAK_RSS_BOUND_MB, f"peak RSS {peak:.0f} MB"
-    delivered: dict[tuple[str, str], set[str]] = {}
-    for user_id, data_type, sample in sandbox.state.accepted:
-        delivered.setdefault((user_id, data_type), set()).add(sample["start_date"])
-    assert len(delivered) == users * 2
-    short = [key for key, starts in delivered.items() if len(starts) != per_key]
-    assert not short, f"{len(short)} users x data types missing samples"

@@ -3,26 +3,22 @@ SASL password) never appear in logs or metrics, and sample payloads never appear
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import aiohttp
 import pytest
 
 from stream.generate import WearableData, produce
-from stream.localkafka import LocalKafka
 
 from .conftest import (
-    Topics,
     accepted_identities,
     all_done,
-    create_topics,
+    dedicated_broker,
     eventually,
     make_settings,
     running,
     sandbox_stats,
     settings_env,
-    wait_for_group_coordinator,
 )
 from .test_process import expected_identities, free_port, log_tail, start_service, wait_exit
 
@@ -32,13 +28,7 @@ pytestmark = pytest.mark.integration
 async def test_delivery_through_a_scram_listener(sandbox, tmp_path):
     password_file = tmp_path / "kafka-password"
     password_file.write_text("scram-pa55word\n")
-    broker = LocalKafka(port=0, scram_users={"stream": "scram-pa55word"})
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, broker.start)
-    try:
-        await wait_for_group_coordinator(broker.bootstrap)
-        topics = Topics("samples-scram", "dlq-scram", "pending-scram", "group-scram")
-        await create_topics(broker.bootstrap, [topics.samples, topics.dlq, topics.pending], partitions=4)
+    async with dedicated_broker("scram", scram_users={"stream": "scram-pa55word"}) as (broker, topics):
         records = WearableData(seed=41).mixed(users=30, per_user=(5, 30))
         await produce(broker.bootstrap, topics.samples, records)
         settings = make_settings(
@@ -48,8 +38,6 @@ async def test_delivery_through_a_scram_listener(sandbox, tmp_path):
         )
         async with running(settings):
             await eventually(lambda: all_done(broker.bootstrap, topics), what="delivery through SCRAM")
-    finally:
-        await loop.run_in_executor(None, broker.stop)
     assert sorted(await accepted_identities(sandbox)) == sorted(expected_identities(records).elements())
 
 
