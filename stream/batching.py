@@ -3,8 +3,13 @@
 A buffer leaves as a batch when it holds `max_samples` ("full") or its oldest sample has waited `window`
 seconds ("window"). One batch per key is in flight at a time, so a key's batches reach the API in order.
 A buffer that cannot reach the API's minimum of 3 samples waits `hold` seconds for more, then is handed
-out to be parked (written to the pending topic, to come back and join later samples) or, once its oldest
-sample is older than `max_age` (wall clock, kept across parking), to be dead-lettered.
+out to be parked (written to the pending topic, to come back and join later samples); each of its samples
+older than `max_age` (wall clock since the sample was first seen, kept across parking) is handed out to
+be dead-lettered instead. Every sample is aged by its own birth: a fresh sample that joins a tail about
+to expire is parked again, not expired with it.
+
+Two copies of one sample (byte-identical after validation: a producer's re-send, a parked copy meeting
+its original) never go out together: the copy rides along as a twin and shares its original's fate.
 
 Deadlines cost O(1) per buffer and no task or timer: every buffer gets the same window, so buffers wait
 in a FIFO queue in the order they were created, and those still too small at their window move, in the
@@ -30,7 +35,7 @@ Key = tuple[str, str]  # (user_id, data_type)
 class Entry(msgspec.Struct, gc=False):
     """One buffered sample: its sort key, its encoded API bytes, and where it came from (for the ack).
 
-    A Struct without GC tracking: about 48 bytes, against 72 for a 4-tuple, and quicker to build.
+    A Struct without GC tracking: about 56 bytes, against 80 for a 5-tuple, and quicker to build.
     """
 
     start: float
@@ -38,20 +43,29 @@ class Entry(msgspec.Struct, gc=False):
     source: Any  # opaque here: the offsets' PartitionOffsets
     offset: int
     timestamp: float  # the record's Kafka timestamp (seconds), for the end-to-end latency
+    born: float = 0.0  # wall time the sample was first seen, kept across parking (its max age counts from it)
+
+
+Twins = list[tuple[Entry, Entry]]  # (the sample that goes out, a byte-identical copy that shares its fate)
 
 
 class Batch(NamedTuple):
     key: Key
-    entries: list[Entry]  # chronological by start_date
+    entries: list[Entry]  # chronological by start_date, no two identical
     reason: str  # full | window | revoke | shutdown
+    twins: Twins = []  # never mutated: a fresh list is built when there are twins
 
 
 class Small(NamedTuple):
-    """A buffer of 1-2 samples handed out to be parked or dead-lettered, with the wall time it was born."""
+    """1-2 samples of a key handed out to be parked or dead-lettered (each carries its own birth)."""
 
     key: Key
     entries: list[Entry]
-    born: float
+    twins: Twins = []  # never mutated
+
+    @property
+    def born(self) -> float:
+        return min(e.born for e in self.entries)
 
 
 class Work(NamedTuple):
@@ -64,13 +78,12 @@ _by_start = attrgetter("start")
 
 
 class _Buffer:
-    __slots__ = ("born", "entries", "key", "since")
+    __slots__ = ("entries", "key", "since")
 
-    def __init__(self, key: Key, since: float, born: float) -> None:
+    def __init__(self, key: Key, since: float) -> None:
         self.key = key
         self.entries: list[Entry] = []
         self.since = since  # monotonic time the oldest buffered sample arrived (window and hold)
-        self.born = born  # wall time the oldest sample was first seen, kept across parking (max age)
 
 
 def plan_take(n: int, max_samples: int) -> int:
@@ -103,19 +116,20 @@ class Batcher:
         self._in_flight: set[Key] = set()
         self._samples = 0
         self._flush_reason: str | None = None  # set while draining everything (shutdown)
+        # Copies set aside while their original is still buffered (rare: the batch or small that takes the
+        # original takes them along). Not counted as buffered samples.
+        self._twins: dict[Key, Twins] = {}
 
     # -- intake ---------------------------------------------------------------------------------------
 
-    def add(self, key: Key, entries: list[Entry], now: float, born: float) -> None:
+    def add(self, key: Key, entries: list[Entry], now: float) -> None:
         """Buffer a record's samples. The batcher keeps `entries` itself: the caller hands it over."""
         buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = _Buffer(key, now, born)
+            buffer = self._buffers[key] = _Buffer(key, now)
             buffer.entries = entries  # exactly sized: with a million keys of 1-2 samples, slack adds up
             self._window_queue.append(buffer)
         else:
-            if born < buffer.born:
-                buffer.born = born
             buffer.entries.extend(entries)
         self._samples += len(entries)
         if key in self._in_flight:
@@ -169,17 +183,36 @@ class Batcher:
             if buffer is not None and len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
                 self._ready.setdefault(key, reason)
 
-    def take_small(self) -> list[Small]:
-        """Every idle buffer of 1-2 samples (at shutdown: they get parked rather than held in memory)."""
+    def take_small(self, keys: set[Key] | None = None) -> list[Small]:
+        """Every idle buffer of 1-2 samples, of all keys or of `keys` (at shutdown: they get parked rather
+        than held in memory)."""
         out = []
-        for key, buffer in list(self._buffers.items()):
+        candidates = list(self._buffers.items()) if keys is None else [
+            (k, b) for k in keys if (b := self._buffers.get(k)) is not None
+        ]
+        for key, buffer in candidates:
             if len(buffer.entries) < MIN_SAMPLES and key not in self._in_flight:
                 out.append(self._remove(key, buffer))
         return out
 
-    def drop_sources(self, sources: set[Any]) -> int:
+    def drop_sources(self, sources: set[Any], now: float) -> int:
         """Forget samples that came from revoked partitions (their new owner reads them again)."""
         dropped = 0
+        for key, waiting in list(self._twins.items()):
+            # A copy from a partition still held whose original is dropped becomes a sample of its own.
+            orphans = [copy for original, copy in waiting if original.source in sources and copy.source not in sources]
+            kept_twins = [t for t in waiting if t[0].source not in sources and t[1].source not in sources]
+            dropped += len(waiting) - len(kept_twins) - len(orphans)
+            if kept_twins:
+                self._twins[key] = kept_twins
+            else:
+                del self._twins[key]
+            if orphans:
+                buffer = self._buffers.get(key)
+                if buffer is None:
+                    buffer = self._buffers[key] = _Buffer(key, now)
+                    self._look_again(buffer, now)
+                buffer.entries.extend(orphans)
         for key, buffer in list(self._buffers.items()):
             kept = [e for e in buffer.entries if e.source not in sources]
             if len(kept) == len(buffer.entries):
@@ -261,7 +294,14 @@ class Batcher:
             del self._buffers[buffer.key]
         else:
             small = self._remove(buffer.key, buffer)
-            (work.expire if wall >= small.born + self.max_age else work.park).append(small)
+            oldest = wall - self.max_age
+            if all(e.born > oldest for e in small.entries):
+                work.park.append(small)
+            elif all(e.born <= oldest for e in small.entries):
+                work.expire.append(small)
+            else:  # a fresh sample joined an old tail: each goes its own way
+                work.expire.append(_small([e for e in small.entries if e.born <= oldest], small))
+                work.park.append(_small([e for e in small.entries if e.born > oldest], small))
 
     def _look_again(self, buffer: _Buffer, now: float) -> None:
         """Have a buffer looked at again at its next deadline (the window, else the hold)."""
@@ -275,18 +315,75 @@ class Batcher:
             return None
         entries = buffer.entries
         entries.sort(key=_by_start)
+        entries, twins = split_twins(entries)
+        if twins:  # set aside (still counted as buffered) until their original leaves
+            self._twins.setdefault(key, []).extend(twins)
+            if len(entries) < MIN_SAMPLES:  # only copies made it look big enough: it waits for more
+                buffer.entries = entries
+                self._look_again(buffer, buffer.since)
+                return None
         take = plan_take(len(entries), self.max_samples)
-        batch, rest = entries[:take], entries[take:]
-        self._samples -= take
-        self._in_flight.add(key)
-        if rest:
-            buffer.entries = rest
-        else:
+        if take == len(entries):
+            batch = entries
             del self._buffers[key]
-        return Batch(key, batch, reason)
+        else:
+            batch = entries[:take]
+        # Whole or not, the buffer lets go of what it handed out: it may wait in a deadline queue for a
+        # while, and must not keep a finished batch's samples alive there.
+        buffer.entries = entries[take:]
+        self._in_flight.add(key)
+        twins = self._twins_of(key, batch, everything=take == len(entries))
+        self._samples -= take + len(twins)
+        return Batch(key, batch, reason, twins)
+
+    def _twins_of(self, key: Key, entries: list[Entry], everything: bool) -> Twins:
+        """The waiting copies whose original is among `entries` (all of the key's, when `everything`)."""
+        waiting = self._twins.get(key)
+        if not waiting:
+            return []
+        if everything:
+            del self._twins[key]
+            return waiting
+        ids = {id(e) for e in entries}
+        going = [t for t in waiting if id(t[0]) in ids]
+        if going:
+            self._twins[key] = [t for t in waiting if id(t[0]) not in ids]
+        return going
 
     def _remove(self, key: Key, buffer: _Buffer) -> Small:
         del self._buffers[key]
         self._ready.pop(key, None)
-        self._samples -= len(buffer.entries)
-        return Small(key, buffer.entries, buffer.born)
+        entries, twins = split_twins(sorted(buffer.entries, key=_by_start))
+        buffer.entries = []  # see _take_batch: the buffer may still sit in a deadline queue
+        twins += self._twins_of(key, entries, everything=True)
+        self._samples -= len(entries) + len(twins)
+        return Small(key, entries, twins)
+
+
+def _small(entries: list[Entry], like: Small) -> Small:
+    ids = {id(e) for e in entries}
+    return Small(like.key, entries, [t for t in like.twins if id(t[0]) in ids])
+
+
+def split_twins(entries: list[Entry]) -> tuple[list[Entry], Twins]:
+    """Entries sorted by start -> (entries without byte-identical copies, the copies with their original).
+
+    Copies share a start, so only runs of equal starts are compared; the common case (no equal starts)
+    costs one pass of float comparisons.
+    """
+    for i in range(1, len(entries)):
+        if entries[i].start == entries[i - 1].start:
+            break
+    else:
+        return entries, []
+    unique: list[Entry] = []
+    twins: Twins = []
+    seen: dict[tuple[float, bytes], Entry] = {}
+    for entry in entries:
+        original = seen.get((entry.start, entry.body))
+        if original is None:
+            seen[(entry.start, entry.body)] = entry
+            unique.append(entry)
+        else:
+            twins.append((original, entry))
+    return unique, twins

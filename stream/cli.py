@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from stream import __version__, config, logs
+
+if TYPE_CHECKING:
+    from stream.metrics import HealthServer, Metrics
+    from stream.pipeline import Pipeline
 
 log = logging.getLogger("stream")
 
@@ -75,6 +82,7 @@ def run_main(argv: list[str]) -> int:
     try:
         settings = config.load(overrides=config.overrides_from(args))
         settings.read_token()  # fail at start, not at the first request
+        _check_kafka_files(settings)
     except config.ConfigError as exc:
         print(f"stream run: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -84,25 +92,111 @@ def run_main(argv: list[str]) -> int:
     return asyncio.run(serve(settings))
 
 
+def _check_kafka_files(settings: config.Settings) -> None:
+    """Read the SASL password file and load the TLS files now, as the Kafka clients will: a wrong path is a
+    configuration error (status 2) before anything listens or connects, not a traceback later."""
+    from stream.kafka_options import kafka_client_options
+
+    try:
+        kafka_client_options(settings)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        names = [
+            config.env_name(field)
+            for field in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+            if getattr(settings, field)
+        ]
+        names = names or [config.env_name("kafka_security_protocol")]  # the system's CA bundle failed to load
+        reason = exc.strerror or str(exc)
+        raise config.ConfigError(f"{' / '.join(names)}: cannot load the TLS files ({reason})") from None
+
+
+class StartupError(Exception):
+    """`stream run` cannot start: one line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _LateReady:
+    """/readyz for a HealthServer that listens before the pipeline exists: "starting" until it does."""
+
+    def __init__(self) -> None:
+        self.pipeline: Pipeline | None = None
+
+    def __call__(self) -> tuple[bool, str]:
+        if self.pipeline is None:
+            return False, "starting"
+        return self.pipeline.ready()
+
+
 async def serve(settings: config.Settings) -> int:
+    """Bind the metrics port, then build the pipeline (its Kafka clients) and run it until stopped.
+
+    Order matters: everything that can be refused on this machine (settings, the port) is checked before
+    any Kafka client exists, so a mistake ends with one line and status 2, never half-joined to the group.
+    """
     from stream.metrics import HealthServer, Metrics
+
+    metrics = Metrics()
+    ready = _LateReady()
+    health = HealthServer(metrics, ready, settings.metrics_port) if settings.metrics_port else None
+    try:
+        if health is not None:
+            await _listen(health, settings.metrics_port)
+        try:
+            await _run_pipeline(settings, metrics, ready)
+        finally:
+            if health is not None:
+                await health.stop()
+    except StartupError as exc:
+        print(f"stream run: {exc}", file=sys.stderr)
+        return exc.status
+    return 0
+
+
+async def _listen(health: HealthServer, port: int) -> None:
+    try:
+        await health.start()
+    except OSError as exc:  # EADDRINUSE, EACCES (a port below 1024 without the capability), EADDRNOTAVAIL
+        await health.stop()
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        variable = config.env_name("metrics_port")
+        raise StartupError(f"cannot listen on port {port} ({variable}): {reason}", status=2) from None
+
+
+async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _LateReady) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
     from stream.pipeline import Pipeline
     from stream.token import TokenSource
 
-    metrics = Metrics()
     pipeline = Pipeline(settings, metrics, token=TokenSource(settings).current)
+    ready.pipeline = pipeline
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pipeline.stop)
-    health = HealthServer(metrics, pipeline.ready, settings.metrics_port) if settings.metrics_port else None
-    if health is not None:
-        await health.start()
     try:
         await pipeline.run()
+    except KafkaConnectionError:
+        # Raised when no bootstrap server answers at start (once running, the clients reconnect by themselves).
+        # Status 1, not 2: the address may be right and Kafka only down for now; a restart will try again.
+        await _close_quietly(pipeline)
+        variable = config.env_name("kafka_bootstrap_servers")
+        raise StartupError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({variable}): no bootstrap server answered",
+            status=1,
+        ) from None
     finally:
-        if health is not None:
-            await health.stop()
-    return 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _close_quietly(pipeline: Pipeline) -> None:
+    """Close the clients of a pipeline whose start failed half-way (closing one never started is harmless)."""
+    for close in (pipeline.source.stop, pipeline.writer.stop, pipeline.sink.close):
+        with contextlib.suppress(Exception):
+            await close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import msgspec
 PREFIX = "STREAM_"
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=10 * 365 * 86400)]  # finite: "inf" is a typo, not a wish
+
+COMMIT_TIMEOUT_SECONDS = 10.0  # a commit that takes longer is abandoned (retried at the next interval)
+REBALANCE_MARGIN_SECONDS = 5.0  # between the end of a revoke and the group's rebalance timeout
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -29,6 +32,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_group_id: str = "samples-sync"
     kafka_client_id: str = "stream"
     kafka_max_poll_records: Annotated[int, msgspec.Meta(ge=1)] = 5000
+    kafka_session_timeout_seconds: Annotated[float, msgspec.Meta(ge=6, le=1800)] = 45.0
+    kafka_heartbeat_interval_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
+    kafka_rebalance_timeout_seconds: Annotated[float, msgspec.Meta(ge=10, le=3600)] = 60.0
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
     kafka_sasl_username: str = ""
@@ -38,7 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_ssl_certfile: str = ""
     kafka_ssl_keyfile: str = ""
     dlq_topic: str = "samples.dlq"
-    pending_topic: str = "samples.pending"
+    pending_topic: str = ""  # derived from the group id when empty (see __post_init__)
     api_url: str = "https://api-b2b.gerosense.ai/api/v2.2"
     api_token: str = ""
     api_token_file: str = ""
@@ -52,6 +58,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_buffered_samples: Annotated[int, msgspec.Meta(ge=1000)] = 200_000
     commit_interval_seconds: Seconds = 5.0
     drain_timeout_seconds: Seconds = 30.0
+    revoke_timeout_seconds: Seconds = 15.0
     retry_backoff_first_seconds: Seconds = 0.5
     retry_backoff_max_seconds: Seconds = 30.0
     retry_max_seconds: Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)] = 900.0
@@ -61,6 +68,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def __post_init__(self) -> None:
         if not self.kafka_topics or not all(self.kafka_topics):
             raise ConfigError("STREAM_KAFKA_TOPICS: needs at least one topic name")
+        if not self.pending_topic:
+            # Each consumer group parks in a topic of its own (like Kafka Streams' internal topics): another
+            # deployment on the same cluster never reads, re-parks or sends this group's parked samples.
+            msgspec.structs.force_setattr(self, "pending_topic", f"{self.kafka_group_id}-pending")
+        if self.kafka_heartbeat_interval_seconds * 3 > self.kafka_session_timeout_seconds:
+            raise ConfigError(
+                "STREAM_KAFKA_HEARTBEAT_INTERVAL_SECONDS: must be at most a third of "
+                "STREAM_KAFKA_SESSION_TIMEOUT_SECONDS"
+            )
+        if self.revoke_budget_seconds > self.kafka_rebalance_timeout_seconds:
+            raise ConfigError(
+                f"STREAM_REVOKE_TIMEOUT_SECONDS: a revoke may take it plus {COMMIT_TIMEOUT_SECONDS:.0f} s for its "
+                f"commit plus a {REBALANCE_MARGIN_SECONDS:.0f} s margin = {self.revoke_budget_seconds:g} s, more than "
+                f"STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS ({self.kafka_rebalance_timeout_seconds:g} s): the group "
+                "would move on without this member while it still sends; lower the one or raise the other"
+            )
         if self.dlq_topic in self.kafka_topics or self.pending_topic in self.kafka_topics:
             raise ConfigError("STREAM_DLQ_TOPIC / STREAM_PENDING_TOPIC: must differ from STREAM_KAFKA_TOPICS")
         if self.min_batch_max_age_seconds < self.min_batch_hold_seconds:
@@ -82,6 +105,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("STREAM_KAFKA_SSL_CERTFILE / STREAM_KAFKA_SSL_KEYFILE: a client certificate needs both")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"STREAM_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {self.log_level!r}")
+
+    @property
+    def revoke_budget_seconds(self) -> float:
+        """The longest a revoke can take: waiting for in-flight requests, then the commit, then a margin."""
+        return self.revoke_timeout_seconds + COMMIT_TIMEOUT_SECONDS + REBALANCE_MARGIN_SECONDS
 
     @property
     def samples_url(self) -> str:
@@ -138,6 +166,11 @@ HELP: dict[str, str] = {
     "kafka_group_id": "consumer group; replicas with the same group share the partitions",
     "kafka_client_id": "client id shown in broker logs and metrics",
     "kafka_max_poll_records": "most records taken from Kafka per poll",
+    "kafka_session_timeout_seconds": "the group drops a member it has not heard from for this long (a crashed pod's "
+    "partitions move after it; a graceful stop leaves at once)",
+    "kafka_heartbeat_interval_seconds": "heartbeat period, at most a third of the session timeout",
+    "kafka_rebalance_timeout_seconds": "how long the group waits for members to finish their revoke and rejoin; "
+    "must cover STREAM_REVOKE_TIMEOUT_SECONDS + 10 s commit + 5 s margin",
     "kafka_security_protocol": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
     "kafka_sasl_mechanism": "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL protocol)",
     "kafka_sasl_username": "SASL user name",
@@ -163,6 +196,7 @@ HELP: dict[str, str] = {
     "retry_exhausted (0: retry forever)",
     "commit_interval_seconds": "how often done offsets are committed to Kafka",
     "drain_timeout_seconds": "on SIGTERM, how long to wait for in-flight requests before exiting",
+    "revoke_timeout_seconds": "on a rebalance, how long to wait for the revoked partitions' requests on the wire",
     "retry_backoff_first_seconds": "first retry delay of a failed request (exponential, full jitter)",
     "retry_backoff_max_seconds": "cap of the retry delay",
     "metrics_port": "port of /metrics, /healthz and /readyz (0 disables the server)",

@@ -32,7 +32,9 @@ def dead_letter_headers(reason: str, message: str, topic: str, partition: int, o
     ]
 
 
-PARKED_BORN_HEADER = "stream.parked.born"
+PARKED_BORN_HEADER = "stream.parked.born"  # when each parked sample was first seen: wall seconds, comma-separated
+PARKED_GROUP_HEADER = "stream.parked.group"  # the consumer group that parked it: only that group reads it back
+STOP_TIMEOUT_SECONDS = 5.0
 DROP_VALUE_ABOVE = 256 * 1024  # bytes: a dead letter this large that Kafka refuses as too large loses its value
 
 
@@ -52,10 +54,20 @@ class KafkaWriter:
         await self._producer.start()
 
     async def stop(self) -> None:
-        await self._producer.flush()
+        """Bounded: with Kafka away, unacknowledged writes are abandoned (their offsets were never committed,
+        so their records are read again after a restart)."""
+        flushing = asyncio.ensure_future(self._producer.flush())
+        done, _ = await asyncio.wait({flushing}, timeout=STOP_TIMEOUT_SECONDS * 0.6)
+        if not done or flushing.cancelled() or flushing.exception() is not None:
+            flushing.cancel()
+            log.warning("unacknowledged Kafka writes abandoned at stop", extra={"event": "write_abandoned",
+                                                                              "writes": len(self._tasks)})
         for task in self._tasks:
             task.cancel()
-        await self._producer.stop()
+        stopping = asyncio.ensure_future(self._producer.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS * 0.4)
+        if not done:
+            stopping.cancel()
 
     def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> asyncio.Future[None]:
         """Schedule a write; the future resolves once Kafka acknowledged it (after as many retries as needed)."""

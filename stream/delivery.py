@@ -1,8 +1,8 @@
 """One batch body to a final outcome: throttled requests, retries with backoff, auth failures, giving up.
 
 Final outcomes are Accepted, Partial, Rejected (the API decided) and Exhausted (this batch kept failing
-for STREAM_RETRY_MAX_SECONDS while the API accepted other batches: a poison batch, not an outage). Until
-then every failure is retried: 401/403 pause all requests and probe slowly with one at a time; 429, 503,
+for STREAM_RETRY_MAX_SECONDS *counted only while the API accepted other batches*: a poison batch, not an
+outage). Until then every failure is retried: 401/403 pause all requests and probe slowly with one at a time; 429, 503,
 504 and timeouts lower the concurrency for everyone and honour Retry-After for everyone; a batch that
 sleeps in backoff does not hold a request slot, so other keys keep flowing.
 """
@@ -10,8 +10,10 @@ sleeps in backoff does not hold a request slot, so other keys keep flowing.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -56,6 +58,37 @@ class _Every:
         return False
 
 
+class AcceptanceLog:
+    """When the API last accepted samples, coarsely: enough to tell, for a batch that failed at `since`
+    and again at `now`, how much of that interval the API spent accepting other batches. Pure.
+
+    Proof that the API is healthy is an accepted sample: a 200, or a 207 (it accepted some). A 400 or
+    a 401 is an answer, not health: an API that refuses everything must not make a retrying batch give up.
+    One time is kept per `resolution` seconds (the first acceptance in it), so the log stays small; the
+    first acceptance after a moment is then known to within `resolution`, always late rather than early,
+    which can only delay giving up, never hasten it.
+    """
+
+    def __init__(self, resolution: float = 1.0, keep: int = 4096) -> None:
+        self._resolution = resolution
+        self._times: deque[float] = deque(maxlen=keep)
+        self.last = float("-inf")
+
+    def accepted(self, now: float) -> None:
+        if not self._times or now - self._times[-1] >= self._resolution:
+            self._times.append(now)
+        self.last = now
+
+    def accepting_between(self, since: float, now: float) -> float:
+        """Seconds of (since, now] from the first acceptance after `since` (0 when there was none)."""
+        if self.last <= since:
+            return 0.0
+        times = self._times
+        i = bisect.bisect_right(times, since)
+        first = times[i] if i < len(times) else self.last
+        return max(0.0, now - first)
+
+
 class Delivery:
     def __init__(
         self,
@@ -77,14 +110,21 @@ class Delivery:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self.backing_off = 0  # batches asleep between two attempts (they hold no request slot)
+        self.sleeping: set[asyncio.Task] = set()  # the tasks of those batches (a revoke cancels them at once)
         self.retrying: dict[int, float] = {}  # id of a failing batch -> when it first failed
         self.auth_failing = False
-        self.last_success = float("-inf")
+        self.acceptance = AcceptanceLog()
         self._auth_log = _Every(LOG_EVERY)
         self._retry_log = _Every(LOG_EVERY)
 
+    @property
+    def last_success(self) -> float:
+        """When the API last accepted samples (monotonic clock)."""
+        return self.acceptance.last
+
     async def send(self, body: bytes, data_type: str) -> Final:
-        first_failure: float | None = None
+        last_failure: float | None = None
+        failing = 0.0  # seconds this batch has failed while the API accepted others
         attempt = 0
         ticket = id(body)
         try:
@@ -92,17 +132,22 @@ class Delivery:
                 outcome, status = await self._attempt(body)
                 self._metrics.batches.labels(data_type, _status_class(status)).inc()
                 if not isinstance(outcome, Retry | AuthFailed):
-                    self._on_success()
+                    self._on_answer(outcome)
                     return outcome
                 now = self._clock()
                 if isinstance(outcome, AuthFailed):
                     self._on_auth_failure(outcome, now)
                     continue  # the gate holds every request until the pause is over
-                if first_failure is None:
-                    first_failure = now
+                if last_failure is None:
                     self.retrying[ticket] = now
-                if self._should_give_up(first_failure, now):
-                    return Exhausted(f"gave up after {now - first_failure:.0f} s of {outcome.reason}")
+                else:
+                    failing += self.acceptance.accepting_between(last_failure, now)
+                last_failure = now
+                if self._retry_max > 0 and failing >= self._retry_max:
+                    return Exhausted(
+                        f"gave up after failing for {failing:.0f} s while the API accepted other batches; "
+                        f"last failure: {outcome.reason}"
+                    )
                 await self._back_off(outcome, attempt, now)
                 attempt += 1
         finally:
@@ -119,8 +164,10 @@ class Delivery:
                 self._metrics.request_seconds.observe(self._clock() - started)
         return outcome, status
 
-    def _on_success(self) -> None:
-        self.last_success = self._clock()
+    def _on_answer(self, outcome: Final) -> None:
+        """The API answered this batch for good (accepted, partly accepted or refused)."""
+        if isinstance(outcome, Accepted | Partial):
+            self.acceptance.accepted(self._clock())
         self._gate.throttle.on_success()
         if self.auth_failing:
             self.auth_failing = False
@@ -143,14 +190,6 @@ class Delivery:
             )
         self._gate.notify()
 
-    def _should_give_up(self, first_failure: float, now: float) -> bool:
-        # Only a batch that fails while others succeed is poison; during an outage everything waits.
-        return (
-            self._retry_max > 0
-            and now - first_failure >= self._retry_max
-            and self.last_success > first_failure
-        )
-
     async def _back_off(self, outcome: Retry, attempt: int, now: float) -> None:
         self._metrics.retries.labels(outcome.reason).inc()
         if outcome.reason in OVERLOAD_REASONS:
@@ -165,10 +204,14 @@ class Delivery:
                        "concurrency": self._gate.throttle.concurrency},
             )
         self.backing_off += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.sleeping.add(task)
         try:
             await self._sleep(delay)
         finally:
             self.backing_off -= 1
+            self.sleeping.discard(task)
 
     def oldest_retry_age(self) -> float:
         if not self.retrying:

@@ -106,6 +106,12 @@ class LocalKafkaError(RuntimeError):
     """The local broker could not be resolved, formatted or started."""
 
 
+# When this variable names a file, every broker started here appends "<pid> <start time>" to it, so that a CI
+# run can stop exactly the brokers it started, even those a crashed or killed test session left behind
+# (.ci/run and .ci/stop-started). No STREAM_ prefix: it is not a setting of `stream run`.
+PIDFILE_VARIABLE = "LOCALKAFKA_PIDFILE"
+
+
 # --------------------------------------------------------------------------- tools
 
 
@@ -322,6 +328,36 @@ def die_with_parent():
         prctl(pr_set_pdeathsig, signal.SIGKILL)
 
     return preexec
+
+
+def process_start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), "-" when unknown.
+
+    With the pid it names one process for good: a pid reused later by another process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "-"
+    # Field 2 (the command name, in parentheses) may itself hold spaces or parentheses: split after the last ")".
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def record_pid(pid: int) -> None:
+    """Append "<pid> <start time>" to the file named by $LOCALKAFKA_PIDFILE, when it is set."""
+    path = os.environ.get(PIDFILE_VARIABLE)
+    if not path:
+        return
+    line = f"{pid} {process_start_time(pid)}\n".encode()
+    try:
+        # One write(2) on an O_APPEND descriptor: lines of brokers started concurrently never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LocalKafkaError(f"cannot record the broker's pid in {PIDFILE_VARIABLE}={path}: {exc.strerror}") from exc
 
 
 # -------------------------------------------------------------------------- broker
@@ -565,6 +601,7 @@ class LocalKafka:
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
             )
+        record_pid(self._proc.pid)
 
     def _wait_until(self, condition: Callable[[], bool], deadline: float, timeout: float) -> None:
         while True:

@@ -82,6 +82,20 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
         )
 
+        self.partial_unknown = Counter(
+            "stream_partial_unknown_total",
+            "207 answers that did not say readably which samples were refused (the batch was dead-lettered)",
+            registry=r,
+        )
+        self.foreign_parked = Counter(
+            "stream_foreign_parked_records_total",
+            "Pending-topic records parked by another consumer group, skipped", registry=r,
+        )
+        self.revoke_seconds = Histogram(
+            "stream_revoke_duration_seconds", "How long a revoke took (send, wait, commit)",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 60), registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -13,14 +13,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from stream.batching import Batch, Batcher, Entry, Small
-from stream.config import Settings
-from stream.deadletter import PARKED_BORN_HEADER, KafkaWriter, dead_letter_headers
+from stream.batching import Batch, Batcher, Entry, Small, Twins
+from stream.config import COMMIT_TIMEOUT_SECONDS, Settings
+from stream.deadletter import PARKED_BORN_HEADER, PARKED_GROUP_HEADER, KafkaWriter, dead_letter_headers
 from stream.delivery import Delivery, Exhausted, Final
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
@@ -34,6 +34,9 @@ from stream.throttle import Gate, Throttle
 log = logging.getLogger("stream.pipeline")
 
 FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are checked
+# A fetch can wait far longer than FETCH_TIMEOUT (aiokafka waits without limit while the group rebalances, or
+# before the first assignment): the loop then goes on ticking (timers, commits, a stop request) meanwhile.
+TICK = 0.25
 FETCH_RETRY_SECONDS = 1.0
 RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
 
@@ -46,7 +49,14 @@ class Pipeline:
         token: Callable[[], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        *,
+        source: KafkaSource | None = None,
+        writer: KafkaWriter | None = None,
+        sink: SamplesSink | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        # source, writer, sink and sleep are for tests that drive the loop without a network (fakes with
+        # the same methods); the service builds the real ones from the settings.
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._clock = clock
@@ -58,9 +68,10 @@ class Pipeline:
             settings.min_batch_hold_seconds,
             settings.min_batch_max_age_seconds,
         )
-        self.source = KafkaSource(settings, self._on_assigned, self._on_revoked)
-        self.writer = KafkaWriter(settings)
-        self.sink = SamplesSink(
+        self._sleep = sleep
+        self.source = source or KafkaSource(settings, self._on_assigned, self._on_revoked)
+        self.writer = writer or KafkaWriter(settings)
+        self.sink = sink or SamplesSink(
             settings.samples_url,
             token or settings.read_token,
             settings.api_timeout_seconds,
@@ -75,10 +86,14 @@ class Pipeline:
             settings.retry_max_seconds,
             clock,
             random.Random(),
+            sleep,
         )
         self._deliveries: dict[asyncio.Task[None], Batch] = {}
         self._in_flight_samples = 0
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
+        self._writing_samples = 0  # samples (and records) behind those writes: they count as held memory
+        self._fetch: asyncio.Task | None = None
+        self._draining = False
         self._next_commit = 0.0
         self._assigned = False
         self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
@@ -106,30 +121,26 @@ class Pipeline:
         await self.source.start()
         self._next_commit = self._clock() + self.settings.commit_interval_seconds
         log.info("consuming", extra={"event": "started", "topics": ",".join(self.settings.input_topics)})
+        stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                await self._step()
+                await self._step(stop)
             await self._drain()
         finally:
             self._closed = True
+            stop.cancel()
+            if self._fetch is not None:
+                self._fetch.cancel()
             for task in list(self._deliveries):
                 task.cancel()
-            await self.source.stop()
-            await self.writer.stop()
+            # Both bounded (5 s each), side by side: the whole stop stays within the drain timeout + ~10 s.
+            await asyncio.gather(self.source.stop(), self.writer.stop())
             await self.sink.close()
             log.info("stopped", extra={"event": "stopped"})
 
-    async def _step(self) -> None:
+    async def _step(self, stop: asyncio.Future) -> None:
         """One iteration: fetch, ingest, hand out due work, commit when it is time."""
-        try:
-            fetched = await self.source.fetch(FETCH_TIMEOUT)
-        except KafkaError as exc:
-            # A fetch error (a corrupt batch, an authorisation problem) must not end the service: log it,
-            # keep delivering what is held, and try again shortly.
-            log.error("fetch failed; retrying", extra={"event": "fetch_failed", "error": type(exc).__name__})
-            self._dispatch()
-            await asyncio.sleep(FETCH_RETRY_SECONDS)
-            return
+        fetched = await self._fetch_or_tick(stop)
         now, wall = self._clock(), self._wall()
         for tp, records in fetched.items():
             state = self.tracker.get(tp)
@@ -141,12 +152,47 @@ class Pipeline:
         self._dispatch()
         self._apply_backpressure()
         if now >= self._next_commit:
-            await self._commit()
+            # Raced against a stop request: with the coordinator away a commit can wait its whole timeout,
+            # and the drain (which commits at its end anyway) must not wait behind it.
+            commit = asyncio.ensure_future(self._commit())
+            await asyncio.wait((commit, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not commit.done():
+                commit.cancel()
             self._next_commit = now + self.settings.commit_interval_seconds
 
+    async def _fetch_or_tick(self, stop: asyncio.Future) -> dict:
+        """The next fetched records, or nothing when a tick or a stop request comes first.
+
+        The fetch runs as a task of its own that a later step picks up where this one left it: while the group
+        rebalances aiokafka's getmany waits without limit, and timers, commits and a SIGTERM must not.
+        """
+        if self._fetch is None:
+            self._fetch = asyncio.ensure_future(self.source.fetch(FETCH_TIMEOUT))
+        fetch = self._fetch
+        if not fetch.done():
+            await asyncio.wait((fetch, stop), timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                return {}
+        self._fetch = None
+        try:
+            return fetch.result()
+        except KafkaError as exc:
+            # A fetch error (a corrupt batch, an authorisation problem) must not end the service: log it,
+            # keep delivering what is held, and try again shortly.
+            log.error("fetch failed; retrying", extra={"event": "fetch_failed", "error": type(exc).__name__})
+            self._dispatch()
+            sleep = asyncio.ensure_future(self._sleep(FETCH_RETRY_SECONDS))
+            await asyncio.wait((sleep, stop), return_when=asyncio.FIRST_COMPLETED)
+            sleep.cancel()
+            return {}
+
     def _apply_backpressure(self) -> None:
-        """Pause fetching while too many samples are held; polling goes on, so the group keeps us."""
-        held = self.batcher.buffered_samples + self._in_flight_samples
+        """Pause fetching while too many samples are held; polling goes on, so the group keeps us.
+
+        Held: samples buffered, in flight to the API, and behind Kafka writes not yet acknowledged (dead
+        letters, parked tails): when the DLQ or the pending topic cannot be written, those pile up too.
+        """
+        held = self.batcher.buffered_samples + self._in_flight_samples + self._writing_samples
         limit = self.settings.max_buffered_samples
         if held >= limit and not self.source.paused:
             # Send every buffer that can be sent now rather than at its window: while fetching is paused,
@@ -166,9 +212,17 @@ class Pipeline:
     def _ingest(self, state: PartitionOffsets, records: list[ConsumerRecord], now: float, wall: float) -> None:
         """Decode one partition's fetched records into the buffers (the hot path: kept flat on purpose)."""
         parked = state.tp.topic == self.settings.pending_topic
+        group = self.settings.kafka_group_id.encode()
         track, add = state.track, self.batcher.add
         for record in records:
             offset = record.offset
+            births = None
+            if parked:
+                births = _parked_births(record, group)
+                if births is None:  # parked by another consumer group sharing the topic: not ours to send
+                    track(offset, 0)
+                    self.metrics.foreign_parked.inc()
+                    continue
             decoded = decode_record(record.value)
             if type(decoded) is Rejection:
                 track(offset, 1)
@@ -179,10 +233,15 @@ class Pipeline:
             for rejection in rejections:
                 self._dead_letter(rejection, state, offset, decoded.data_type)
             if samples:
-                born = (_parked_born(record) or wall) if parked else wall
                 timestamp = record.timestamp / 1000
-                entries = [Entry(s.start, s.body, state, offset, timestamp) for s in samples]
-                add((decoded.user_id, decoded.data_type), entries, now, born)
+                if births:
+                    if len(births) != len(samples):  # cannot be matched one to one: the oldest for all
+                        births = [min(births)] * len(samples)
+                    pairs = zip(samples, births, strict=True)
+                    entries = [Entry(s.start, s.body, state, offset, timestamp, b) for s, b in pairs]
+                else:
+                    entries = [Entry(s.start, s.body, state, offset, timestamp, wall) for s in samples]
+                add((decoded.user_id, decoded.data_type), entries, now)
 
     # -- handing out work -----------------------------------------------------------------------------
 
@@ -211,6 +270,9 @@ class Pipeline:
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery failed unexpectedly", exc_info=task.exception(), extra={"event": "delivery_error"})
         self.batcher.done(batch.key, self._clock())
+        if self._draining:  # a tail the batch left behind is parked at once, like every other at a drain
+            for small in self.batcher.take_small({batch.key}):
+                self._park(small)
         self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
 
     async def _deliver(self, batch: Batch) -> None:
@@ -221,7 +283,12 @@ class Pipeline:
         self._settle(batch, await self.delivery.send(body, data_type))
 
     def _settle(self, batch: Batch, outcome: Final) -> None:
-        """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written."""
+        """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written.
+
+        No silent path: a sample is acknowledged only as accepted (200, or absent from a 207's readable list
+        of refusals) or once its dead letter is written; a 207 that does not say readably which samples it
+        refused dead-letters the whole batch (`api_partial_unknown`), since some of it was not accepted.
+        """
         user_id, data_type = batch.key
         entries = batch.entries
         refused: dict[int, str] = {}
@@ -235,44 +302,74 @@ class Pipeline:
                                                                            "data_type": data_type,
                                                                            "samples": len(entries)})
         elif isinstance(outcome, Partial):
-            if outcome.refused is None:
-                log.warning("207 without a list of refused samples", extra={"event": "partial_unlisted",
-                                                                             "data_type": data_type})
+            listed = outcome.refused
+            if listed is not None:
+                listed = {i: r for i, r in listed.items() if 0 <= i < len(entries)}
+            if not listed:
+                # Nothing readable (or only indices outside the batch): the API says it refused some samples
+                # without saying which. Counting the batch as accepted would silently drop those.
+                reason = "api_partial_unknown"
+                detail = f"the API answered 207 without a readable list of refused samples: {outcome.detail}"
+                refused = dict.fromkeys(range(len(entries)), detail)
+                self.metrics.partial_unknown.inc()
+                log.error("207 without a readable list of refused samples: the whole batch is dead-lettered",
+                          extra={"event": "partial_unknown", "data_type": data_type, "samples": len(entries)})
             else:
-                refused = {i: f"the API refused it: {r}" for i, r in outcome.refused.items() if 0 <= i < len(entries)}
+                refused = {i: f"the API refused it: {r}" for i, r in listed.items()}
         wall = self._wall()
-        if refused:
-            accepted = [e for i, e in enumerate(entries) if i not in refused]
-        else:
-            accepted = entries
+        accepted = [e for i, e in enumerate(entries) if i not in refused] if refused else entries
         for entry in accepted:
             entry.source.ack(entry.offset)
         observe_many(self.metrics.e2e_latency, [wall - e.timestamp for e in accepted])
         self.metrics.samples.labels("accepted", data_type).inc(len(entries) - len(refused))
+        # A copy shares its original's fate: acknowledged with it, or once its original's dead letter is written.
+        copies: dict[int, list[tuple[PartitionOffsets, int]]] = {}
+        for original, copy in batch.twins:
+            copies.setdefault(id(original), []).append((copy.source, copy.offset))
         for index, message in refused.items():
             entry = entries[index]
             if reason == "api_rejected":
                 self.metrics.samples.labels("refused", data_type).inc()
             value = as_single_event(user_id, data_type, entry.body)
-            self._dead_letter(Rejection(reason, message, value), entry.source, entry.offset, data_type)
+            also = copies.pop(id(entry), ()) if copies else ()
+            self._dead_letter(Rejection(reason, message, value), entry.source, entry.offset, data_type, also)
+        for parts in copies.values():
+            for state, offset in parts:
+                state.ack(offset)
+
     def _park(self, small: Small) -> None:
         """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
         user_id, data_type = small.key
         value = batch_body(user_id, data_type, [e.body for e in small.entries])
-        headers = [(PARKED_BORN_HEADER, repr(small.born).encode())]
+        headers = [
+            (PARKED_BORN_HEADER, ",".join(repr(e.born) for e in small.entries).encode()),
+            (PARKED_GROUP_HEADER, self.settings.kafka_group_id.encode()),
+        ]
         written = self.writer.write(self.settings.pending_topic, user_id.encode(), value, headers)
         self.metrics.samples.labels("parked", data_type).inc(len(small.entries))
-        self._ack_when_written(written, [(e.source, e.offset) for e in small.entries])
+        self._ack_when_written(written, [(e.source, e.offset) for e in small.entries] + _copies(small.twins))
 
     def _expire(self, small: Small) -> None:
         user_id, data_type = small.key
-        age = self._wall() - small.born
+        wall = self._wall()
+        copies: dict[int, list[tuple[PartitionOffsets, int]]] = {}
+        for original, copy in small.twins:
+            copies.setdefault(id(original), []).append((copy.source, copy.offset))
         for entry in small.entries:
-            message = f"only {len(small.entries)} sample(s) of this user and data type in {age:.0f} s"
+            message = f"only {len(small.entries)} sample(s) of this user and data type in {wall - entry.born:.0f} s"
             value = as_single_event(user_id, data_type, entry.body)
-            self._dead_letter(Rejection("below_min_batch", message, value), entry.source, entry.offset, data_type)
+            rejection = Rejection("below_min_batch", message, value)
+            self._dead_letter(rejection, entry.source, entry.offset, data_type, copies.get(id(entry), ()))
 
-    def _dead_letter(self, rejection: Rejection, state: PartitionOffsets, offset: int, data_type: str | None) -> None:
+    def _dead_letter(
+        self,
+        rejection: Rejection,
+        state: PartitionOffsets,
+        offset: int,
+        data_type: str | None,
+        also: Iterable[tuple[PartitionOffsets, int]] = (),
+    ) -> None:
+        """Write one dead letter; its offset (and those of its copies, `also`) is done once Kafka has it."""
         tp = state.tp
         headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset)
         written = self.writer.write(self.settings.dlq_topic, None, rejection.value, headers)
@@ -281,13 +378,15 @@ class Pipeline:
             self.metrics.samples.labels("dead_lettered", data_type).inc()
         log.debug("dead letter", extra={"event": "dead_letter", "reason": rejection.reason, "topic": tp.topic,
                                         "partition": tp.partition, "offset": offset})
-        self._ack_when_written(written, [(state, offset)])
+        self._ack_when_written(written, [(state, offset), *also])
 
     def _ack_when_written(self, written: asyncio.Future[None], parts: list[tuple[PartitionOffsets, int]]) -> None:
         self._acks.add(written)
+        self._writing_samples += len(parts)
 
         def ack(_: asyncio.Future[None]) -> None:
             self._acks.discard(written)
+            self._writing_samples -= len(parts)
             if not written.cancelled():
                 for state, offset in parts:
                     state.ack(offset)
@@ -296,12 +395,12 @@ class Pipeline:
 
     # -- offsets and rebalances -----------------------------------------------------------------------
 
-    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
+    async def _commit(self, only: set[TopicPartition] | None = None, timeout: float = COMMIT_TIMEOUT_SECONDS) -> None:
         offsets = self.tracker.to_commit(only)
         self._update_lag()
         if not offsets:
             return
-        if await self.source.commit(offsets):
+        if await self.source.commit(offsets, timeout):
             self.tracker.mark_committed(offsets)
             self.metrics.commits.labels("ok").inc()
             self.metrics.last_commit.set(self._wall())
@@ -320,35 +419,55 @@ class Pipeline:
         log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(assigned)})
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Send what can be sent for the revoked partitions, wait (bounded), commit, then forget them."""
+        """Send what can be sent for the revoked partitions, wait (bounded), commit, then forget them.
+
+        Bounded by STREAM_REVOKE_TIMEOUT_SECONDS plus the commit's timeout, which the settings check fits
+        inside the group's rebalance timeout: past it the group would move on without this member.
+        """
+        if not revoked:  # the client also calls this, with nothing, before its first join
+            return
         self.metrics.rebalances.labels("revoked").inc()
         states = {s for tp in revoked if (s := self.tracker.get(tp)) is not None}
         if states:
+            started = self._clock()
+            # Batches of theirs asleep in backoff would not finish in time anyway: the new owner sends them.
+            self._cancel_deliveries_of(states, sleeping_only=True)
             self.batcher.flush_keys(self.batcher.keys_with_sources(states), "revoke")
             self._dispatch()
-            # Bounded well below the rebalance timeout, so the group is not held up by a failing API.
-            if not await self._wait_for_work(self.settings.drain_timeout_seconds / 2, only=states):
+            if not await self._wait_for_work(self.settings.revoke_timeout_seconds, only=states):
                 # What was accepted above the commit is read again by the partitions' next owner.
                 log.warning("revoke: in-flight work not finished in time; expect redelivery",
                             extra={"event": "revoke_timeout", "partitions": _names(revoked)})
             await self._commit(set(revoked))
-            self.batcher.drop_sources(states)
+            self.batcher.drop_sources(states, self._clock())
             self._cancel_deliveries_of(states)
+            self.metrics.revoke_seconds.observe(self._clock() - started)
         for tp in revoked:
             self.tracker.revoke(tp)
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
 
-    def _cancel_deliveries_of(self, states: set[PartitionOffsets]) -> None:
-        """Stop retrying batches whose samples all belong to revoked partitions: their new owner sends them."""
+    def _cancel_deliveries_of(self, states: set[PartitionOffsets], sleeping_only: bool = False) -> None:
+        """Stop batches whose samples (copies included) all belong to revoked partitions: their new owner
+        sends them. With `sleeping_only`, only those asleep in backoff."""
+        sleeping = self.delivery.sleeping
         for task, batch in list(self._deliveries.items()):
-            if all(e.source in states for e in batch.entries):
+            if sleeping_only and task not in sleeping:
+                continue
+            if all(e.source in states for e in batch.entries) and all(c.source in states for _, c in batch.twins):
                 task.cancel()
 
-    async def _wait_for_work(self, timeout: float, only: set[PartitionOffsets] | None = None) -> bool:
+    async def _wait_for_work(
+        self, timeout: float, only: set[PartitionOffsets] | None = None, commit_every: float | None = None
+    ) -> bool:
         """Hand out what is ready and wait until no delivery nor write is outstanding (of `only` these
-        partitions, when given). False when the timeout came first, or when ready work cannot start."""
+        partitions, when given). False when the timeout came first, or when ready work cannot start.
+        With `commit_every`, done offsets are committed that often meanwhile."""
         deadline = self._clock() + timeout
+        next_commit = self._clock() + (commit_every or 0.0)
         while True:
+            if commit_every is not None and self._clock() >= next_commit:
+                await self._commit(timeout=max(1.0, min(COMMIT_TIMEOUT_SECONDS, deadline - self._clock())))
+                next_commit = self._clock() + commit_every
             self._dispatch()
             pending: set[asyncio.Future] = set(self._acks)
             pending.update(
@@ -360,20 +479,28 @@ class Pipeline:
             left = deadline - self._clock()
             if left <= 0:
                 return False
+            if commit_every is not None:
+                left = min(left, max(0.01, next_commit - self._clock()))
             await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     async def _drain(self) -> None:
-        """Graceful stop: send every buffer that can be sent, park the rest, wait (bounded), commit."""
+        """Graceful stop: park every tail and send every buffer that can be sent at once, wait (bounded),
+        commit. Parking comes first: a tail parked after the wait would have no time left to be acknowledged
+        and committed, yet its write would still reach Kafka, and the tail would come back twice."""
         log.info("draining", extra={"event": "draining", "buffered": self.batcher.buffered_samples})
         deadline = self._clock() + self.settings.drain_timeout_seconds
+        self._draining = True
         self.batcher.flush_all("shutdown")
-        finished = await self._wait_for_work(deadline - self._clock())
         for small in self.batcher.take_small():
             self._park(small)
-        finished = await self._wait_for_work(max(0.0, deadline - self._clock())) and finished
+        self._dispatch()
+        # Deliveries of what the last committed offsets already hold back are waited for; parking writes are
+        # short. Commits go on meanwhile, so what is done is committed even if the wait runs out.
+        every = self.settings.commit_interval_seconds
+        finished = await self._wait_for_work(deadline - self._clock(), commit_every=every)
         if not finished:
             log.warning("drain timeout: unfinished work will be redelivered", extra={"event": "drain_timeout"})
-        await self._commit()
+        await self._commit(timeout=max(1.0, min(COMMIT_TIMEOUT_SECONDS, deadline - self._clock() + 2.0)))
 
     def _oldest_buffered_age(self) -> float:
         since = self.batcher.oldest_since()
@@ -397,14 +524,29 @@ class Pipeline:
         self.metrics.concurrency.set(self.gate.throttle.concurrency)
 
 
-def _parked_born(record: ConsumerRecord) -> float | None:
+def _parked_births(record: ConsumerRecord, group: bytes) -> list[float] | None:
+    """When each sample of a parked record was first seen; None when another consumer group parked it.
+
+    A record without a group header was parked before groups were recorded: it is taken (the pending topic
+    was shared only when configured so). Unreadable births count as now (`[]`): the sample waits longer.
+    """
+    births: list[float] = []
+    owner = None
     for name, value in record.headers or ():
-        if name == PARKED_BORN_HEADER:
+        if name == PARKED_GROUP_HEADER:
+            owner = value
+        elif name == PARKED_BORN_HEADER:
             try:
-                return float(value)
+                births = [float(v) for v in value.split(b",")]
             except ValueError:
-                return None
-    return None
+                births = []
+    if owner is not None and owner != group:
+        return None
+    return births
+
+
+def _copies(twins: Twins) -> list[tuple[PartitionOffsets, int]]:
+    return [(copy.source, copy.offset) for _, copy in twins]
 
 
 def _names(tps: list[TopicPartition]) -> str:

@@ -60,9 +60,10 @@ Responses (``index`` is the position in ``data``):
 Rejection reasons R (short, stable): ``not_an_object``, ``unknown_field``,
 ``missing_<field>``, ``invalid_<field>`` (wrong type, empty ``device_name``,
 unknown ``unit``, unparsable date, non-finite ``value``),
-``value_out_of_range``, ``end_before_start``, ``device_refused`` (fault
-injection, see below) and ``invalid_sample`` (the strict decoder refused the
-sample for a reason the classifier does not name, e.g. a duplicated key).
+``value_out_of_range``, ``end_before_start``, ``device_refused`` and
+``partial_refused`` (fault injection, see below) and ``invalid_sample`` (the
+strict decoder refused the sample for a reason the classifier does not name,
+e.g. a duplicated key).
 A sample gets one reason, for the first broken rule in this order: object,
 unknown field, missing required fields, ``device_name``, ``device_version``,
 ``unit``, ``value``, ``start_date``, ``end_date``, ``end_before_start``,
@@ -84,11 +85,14 @@ Control endpoints (not part of the partner API, never authenticated)
 * ``GET /_sandbox/stats`` -> ``{"requests", "status_counts": {"200": n, ...},
   "accepted_samples", "rejected_samples", "accepted_batches", "min_batch",
   "max_batch", "naive_dates", "hung", "faults_injected": {kind: n},
-  "rejected_reasons": {reason: n}, "request_errors": {code: n}, "fast"}``.
+  "rejected_reasons": {reason: n}, "request_errors": {code: n},
+  "landing_requests": {method: n}, "fast"}``.
   ``requests`` counts every ``POST /samples``; ``rejected_samples`` counts
   samples refused individually (in 207/400 answers); ``min_batch`` and
   ``max_batch`` range over every request whose ``data`` was an array (even one
-  refused for its size or hit by a fault), ``null`` before the first.
+  refused for its size or hit by a fault), ``null`` before the first;
+  ``landing_requests`` counts requests to ``/_sandbox/landing`` by method (a
+  client that follows a redirect shows here).
 * ``GET /_sandbox/accepted`` -> ``[{"user_id", "data_type", <sample fields as
   sent>}, ...]`` in acceptance order (normal mode only; 409 in fast mode).
 * ``GET /_sandbox/requests`` -> ``[{"t", "status", "user_id", "data_type",
@@ -106,6 +110,9 @@ Control endpoints (not part of the partner API, never authenticated)
 * ``PUT /_sandbox/token`` with ``{"token": "..."}`` -> 204; the old token is
   refused from then on (for token-rotation tests).  400 if the token is empty
   or contains whitespace.
+* ``GET`` and ``POST /_sandbox/landing`` -> 200 with a small HTML page: where
+  the ``redirect_status`` fault points.  It accepts nothing; requests to it are
+  counted in ``landing_requests``.
 
 Fault injection
 ===============
@@ -130,13 +137,39 @@ at run time affects the requests that arrive afterwards:
   samples with that ``device_name`` are refused individually with reason
   ``device_refused`` (the documentation's "bugs with platform health APIs"),
   so the 207 and 400 paths can be driven with valid data.
+* ``redirect_status``, ``redirect_rate`` [--redirect-status, --redirect-rate]:
+  when ``redirect_status`` is one of 301, 302, 303, 307, 308 (0, the default,
+  is off), that share of requests (default 1: all) answers that status with
+  ``Location: <root URL>/_sandbox/landing`` and a small HTML body; the landing
+  page answers 200 to GET and POST and accepts nothing.  A client that follows
+  the redirect sees a 200 although nothing was accepted.
+* ``partial_rate`` [--partial-rate]: that share of batches whose samples are
+  all valid refuses one of them, chosen at random, with reason
+  ``partial_refused`` (a 207 from valid input, without choosing device names).
+* ``odd_207`` [--odd-207 SHAPE]: every 207 the sandbox answers (from invalid
+  or refused samples, or ``partial_rate``) gets its body reshaped; the refused
+  samples are the same.  SHAPE is one of ``reason_null`` (every ``reason`` is
+  ``null``), ``reason_object`` (``reason`` is ``{"code": R, "message":
+  "..."}``), ``index_string`` (``"index": "3"``), ``index_float``
+  (``"index": 3.0``), ``unknown_shape`` (entries ``{"sample": i, "error":
+  R}``, no ``index``), ``not_json`` (an HTML page), ``empty_list``
+  (``"rejected": []``), ``extra_fields`` (unknown fields in every entry and
+  at the top level).  The first four and the last still say which samples
+  were refused; ``unknown_shape``, ``not_json`` and ``empty_list`` do not.
 
 Order of a request: latency, 401, 415, body parsed, then the faults in the
-order listed (fail-all, poison, hang, error, throttle), then the request-level
-400, then per-sample judgement and acceptance.  A faulted request accepts
-nothing.  Random draws use ``random.Random(seed)`` (``--seed``) and happen
-only for rates above zero, in the order hang, error, throttle, so a run with
-one client is reproducible.
+order listed (fail-all, poison, hang, error, throttle, redirect), then the
+request-level 400, then per-sample judgement, ``partial_rate``, acceptance
+and ``odd_207``.  A faulted request (fail-all to redirect) accepts nothing.
+The request log's ``fault`` names the last fault applied (``partial`` and
+``odd_207`` included); ``faults_injected`` counts each.  Random draws use
+``random.Random(seed)`` (``--seed``) and happen only for enabled faults with
+rates above zero, in the order hang, error, throttle, redirect, partial (the
+partial fault draws twice: whether, then which sample), so a run with one
+client is reproducible.
+
+The defaults inject nothing: the sandbox is faithful to the documentation
+unless a fault is set.
 
 Fast mode
 =========
@@ -190,7 +223,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from aiohttp import web
@@ -281,6 +314,21 @@ _ENCODER = msgspec.json.Encoder()
 
 Rate = Annotated[float, Meta(ge=0.0, le=1.0)]
 ErrorStatus = Annotated[int, Meta(ge=400, le=599)]
+RedirectStatus = Literal[0, 301, 302, 303, 307, 308]  # 0: off
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# How the `odd_207` fault reshapes a 207's body (see the module docstring).
+Odd207 = Literal[
+    "reason_null",
+    "reason_object",
+    "index_string",
+    "index_float",
+    "unknown_shape",
+    "not_json",
+    "empty_list",
+    "extra_fields",
+]
+ODD_207_SHAPES: tuple[str, ...] = get_args(Odd207)
+LANDING_PATH = "/_sandbox/landing"
 
 
 class Faults(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -296,6 +344,10 @@ class Faults(Struct, forbid_unknown_fields=True, kw_only=True):
     fail_all_status: ErrorStatus | None = None
     poison_user_ids: list[str] = []
     refuse_device_names: list[str] = []
+    redirect_status: RedirectStatus = 0
+    redirect_rate: Rate = 1.0
+    partial_rate: Rate = 0.0
+    odd_207: Odd207 | None = None
 
 
 def validated_faults(faults: Faults) -> Faults:
@@ -571,6 +623,7 @@ class SandboxState:
         self.faults_injected: collections.Counter[str] = collections.Counter()
         self.rejected_reasons: collections.Counter[str] = collections.Counter()
         self.request_errors: collections.Counter[str] = collections.Counter()
+        self.landing_requests: collections.Counter[str] = collections.Counter()
         # Normal mode only: (user_id, data_type, samples) per accepted batch, in order.
         self._accepted_batches: list[tuple[str, str, list[_SampleBase]]] = []
         self.request_log.clear()
@@ -622,6 +675,7 @@ class SandboxState:
             "faults_injected": dict(self.faults_injected),
             "rejected_reasons": dict(self.rejected_reasons),
             "request_errors": dict(self.request_errors),
+            "landing_requests": dict(self.landing_requests),
             "fast": self.fast,
         }
 
@@ -733,6 +787,17 @@ def _is_json(request: web.Request) -> bool:
     return charset is None or charset.lower().replace("-", "") == "utf8"
 
 
+def _html(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    page = f"<!doctype html><html><head><title>{text}</title></head><body><h1>{text}</h1></body></html>\n"
+    return web.Response(status=status, text=page, content_type="text/html", headers=headers)
+
+
+class _Html(Struct):
+    """An answer that is an HTML page, not JSON (redirects, the odd 207 ``not_json``)."""
+
+    text: str
+
+
 async def _samples_handler(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     active = state._active_faults  # one snapshot per request: a PUT mid-request does not half-apply
@@ -740,6 +805,8 @@ async def _samples_handler(request: web.Request) -> web.Response:
     status, payload, headers = await _handle_samples(request, state, active, entry)
     state._close_request(entry, status)
     log.debug("POST /samples -> %s (size=%s, accepted=%s)", status, entry["size"], entry["accepted"])
+    if isinstance(payload, _Html):
+        return _html(status, payload.text, headers)
     return _json(status, payload, headers)
 
 
@@ -760,7 +827,7 @@ async def _handle_samples(
     parsed = _parse_body(body)
     state._note_batch(entry, parsed, body)
 
-    fault = _choose_fault(state, active, parsed.user_id)
+    fault = _choose_fault(state, active, parsed.user_id, request)
     if fault is not None:
         name, answer = fault
         entry["fault"] = name
@@ -772,8 +839,24 @@ async def _handle_samples(
         return 400, {"error": parsed.error.code, "detail": parsed.error.detail}, None
 
     judgement = _judge(parsed.items, active.refused_devices, state.fast)
+    faults = active.faults
+    if faults.partial_rate > 0 and not judgement.rejected and state.rng.random() < faults.partial_rate:
+        _note_fault(state, entry, "partial")
+        # Every sample was accepted, so position in `accepted` is position in `data`.
+        index = state.rng.randrange(len(judgement.accepted))
+        del judgement.accepted[index]
+        judgement.rejected.append((index, "partial_refused"))
     state._record_judgement(entry, parsed, judgement)
-    return _samples_answer(judgement)
+    status, payload, headers = _samples_answer(judgement)
+    if status == 207 and faults.odd_207 is not None:
+        _note_fault(state, entry, "odd_207")
+        payload = _odd_207(faults.odd_207, payload)
+    return status, payload, headers
+
+
+def _note_fault(state: SandboxState, entry: dict[str, Any], name: str) -> None:
+    entry["fault"] = name
+    state.faults_injected[name] += 1
 
 
 def _samples_answer(judgement: _Judgement) -> tuple[int, Any, None]:
@@ -784,8 +867,37 @@ def _samples_answer(judgement: _Judgement) -> tuple[int, Any, None]:
     return (207 if n else 400), {"accepted": n, "rejected": rejected}, None
 
 
+def _odd_207(shape: str, payload: dict[str, Any]) -> Any:
+    """A 207's body reshaped by the `odd_207` fault; it names the same refused samples where it can."""
+    accepted, rejected = payload["accepted"], payload["rejected"]
+    entries: list[dict[str, Any]]
+    if shape == "not_json":
+        return _Html("207 Multi-Status")
+    if shape == "empty_list":
+        return {"accepted": accepted, "rejected": []}
+    if shape == "reason_null":
+        entries = [{"index": r["index"], "reason": None} for r in rejected]
+    elif shape == "reason_object":
+        entries = [
+            {"index": r["index"], "reason": {"code": r["reason"], "message": f"sample {r['index']} refused"}}
+            for r in rejected
+        ]
+    elif shape == "index_string":
+        entries = [{"index": str(r["index"]), "reason": r["reason"]} for r in rejected]
+    elif shape == "index_float":
+        entries = [{"index": float(r["index"]), "reason": r["reason"]} for r in rejected]
+    elif shape == "unknown_shape":
+        entries = [{"sample": r["index"], "error": r["reason"]} for r in rejected]
+    elif shape == "extra_fields":
+        entries = [{**r, "severity": "error", "field": None, "details": {"retry": False}} for r in rejected]
+        return {"accepted": accepted, "rejected": entries, "request_id": "sandbox", "warnings": []}
+    else:  # pragma: no cover - Faults validation admits only the shapes above
+        raise ValueError(f"unknown odd_207 shape {shape!r}")
+    return {"accepted": accepted, "rejected": entries}
+
+
 def _choose_fault(
-    state: SandboxState, active: _ActiveFaults, user_id: str | None
+    state: SandboxState, active: _ActiveFaults, user_id: str | None, request: web.Request
 ) -> tuple[str, tuple[int, Any, dict[str, str] | None] | None] | None:
     """(fault name, answer) if a fault applies to this request, else None; a hang has no answer."""
     faults = active.faults
@@ -801,6 +913,9 @@ def _choose_fault(
     if faults.throttle_rate > 0 and state.rng.random() < faults.throttle_rate:
         headers = {"Retry-After": str(faults.retry_after)}
         return "throttle", (429, {"error": "rate_limited"}, headers)
+    if faults.redirect_status and faults.redirect_rate > 0 and state.rng.random() < faults.redirect_rate:
+        headers = {"Location": f"{request.url.origin()}{LANDING_PATH}"}
+        return "redirect", (faults.redirect_status, _Html("Moved"), headers)
     return None
 
 
@@ -812,6 +927,15 @@ async def _hang(state: SandboxState, seconds: float) -> tuple[int, Any, None]:
     except TimeoutError:
         return 504, {"error": "hang_timeout"}, None
     return 503, {"error": "shutting_down"}, None
+
+
+async def _landing(request: web.Request) -> web.Response:
+    """Where the redirect fault points: a page that answers 200 to anything and accepts nothing."""
+    state = request.app[STATE_KEY]
+    state.landing_requests[request.method] += 1
+    await request.read()
+    state._notify()
+    return _html(200, "Welcome")
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -894,6 +1018,8 @@ def create_app(
     app.router.add_get("/_sandbox/faults", _get_faults)
     app.router.add_put("/_sandbox/faults", _put_faults)
     app.router.add_put("/_sandbox/token", _put_token)
+    app.router.add_get(LANDING_PATH, _landing)  # also answers HEAD
+    app.router.add_post(LANDING_PATH, _landing)
     app.on_shutdown.append(_release_hangs)
     return app
 
@@ -986,6 +1112,27 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--fail-all-status", type=int, default=None)
     f.add_argument("--poison-user-id", action="append", default=[], dest="poison_user_ids")
     f.add_argument("--refuse-device-name", action="append", default=[], dest="refuse_device_names")
+    f.add_argument(
+        "--redirect-status",
+        type=int,
+        default=0,
+        help=f"answer POST /samples with this redirect ({', '.join(map(str, REDIRECT_STATUSES))}; 0: off) "
+        f"to {LANDING_PATH}, a page that answers 200 and accepts nothing",
+    )
+    f.add_argument("--redirect-rate", type=float, default=1.0, help="share of requests redirected (default 1)")
+    f.add_argument(
+        "--partial-rate",
+        type=float,
+        default=0.0,
+        help="share of all-valid batches that refuse one random sample (207, reason partial_refused)",
+    )
+    f.add_argument(
+        "--odd-207",
+        choices=ODD_207_SHAPES,
+        default=None,
+        metavar="SHAPE",
+        help=f"reshape the body of every 207: {', '.join(ODD_207_SHAPES)}",
+    )
     return p
 
 

@@ -11,13 +11,13 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from stream.config import Settings
+from stream.config import COMMIT_TIMEOUT_SECONDS, Settings
 from stream.kafka_options import kafka_client_options
 from stream.offsets import TopicPartition
 
 log = logging.getLogger("stream.source")
 
-COMMIT_TIMEOUT_SECONDS = 10.0  # a commit that takes longer is abandoned and retried at the next interval
+STOP_TIMEOUT_SECONDS = 5.0  # leaving the group is best effort: a coordinator that is away must not hold the exit
 
 PartitionsCallback = Callable[[list[TopicPartition]], Awaitable[None]]
 
@@ -44,22 +44,48 @@ class KafkaSource:
             auto_offset_reset="earliest",  # a new group reads what is already waiting, not only new data
             isolation_level="read_committed",  # aborted transactional writes are never sent to the API
             max_poll_records=settings.kafka_max_poll_records,
+            # Explicit, not aiokafka's defaults (a rebalance timeout equal to a 10 s session timeout): the group
+            # must wait for a revoke to finish (STREAM_REVOKE_TIMEOUT_SECONDS + the commit, checked at start),
+            # or it moves on while this member still sends, and its commits are refused.
+            session_timeout_ms=int(settings.kafka_session_timeout_seconds * 1000),
+            heartbeat_interval_ms=int(settings.kafka_heartbeat_interval_seconds * 1000),
+            rebalance_timeout_ms=int(settings.kafka_rebalance_timeout_seconds * 1000),
         )
         self._listener = _Listener(on_assigned, on_revoked)
         self.paused = False
 
     async def start(self) -> None:
-        self._consumer.subscribe(list(self._settings.input_topics), listener=self._listener)
+        # Start first, subscribe after: started with a subscription, aiokafka waits for the first assignment
+        # without limit, and a stop request could not end a service whose group never assigns (a frozen
+        # member holding the join). Subscribed afterwards, the join happens in fetch(), which the loop races.
         await self._consumer.start()
+        self._consumer.subscribe(list(self._settings.input_topics), listener=self._listener)
 
     async def stop(self) -> None:
-        await self._consumer.stop()
+        """Leave the group; bounded, since aiokafka first waits for a join in progress to end.
+
+        Run as a task of its own: with the brokers away, aiokafka's stop lets a CancelledError of its own
+        fetch tasks escape, which must not pass for a cancellation of the caller (it would cut its cleanup).
+        """
+        stopping = asyncio.ensure_future(self._consumer.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS)
+        if not done:
+            stopping.cancel()
+            problem = "timeout"
+        elif stopping.cancelled():
+            problem = "cancelled"
+        else:
+            error = stopping.exception()
+            problem = type(error).__name__ if error is not None else None
+        if problem is not None:
+            log.warning("the consumer did not stop cleanly; leaving anyway",
+                        extra={"event": "consumer_stop_timeout", "error": problem})
 
     async def fetch(self, timeout: float) -> dict[TopicPartition, list[ConsumerRecord]]:
         batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
         return {TopicPartition(tp.topic, tp.partition): records for tp, records in batches.items()}
 
-    async def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+    async def commit(self, offsets: dict[TopicPartition, int], timeout: float = COMMIT_TIMEOUT_SECONDS) -> bool:
         """Commit the given next-offsets; False (logged) when the group moved on and refused it."""
         if not offsets:
             return True
@@ -67,7 +93,7 @@ class KafkaSource:
             # aiokafka waits for the coordinator without limit; a commit must not stall the loop or a drain.
             await asyncio.wait_for(
                 self._consumer.commit({KafkaTP(tp.topic, tp.partition): o for tp, o in offsets.items()}),
-                timeout=COMMIT_TIMEOUT_SECONDS,
+                timeout=timeout,
             )
         except (CommitFailedError, KafkaError, TimeoutError) as exc:
             log.warning("commit failed", extra={"event": "commit_failed", "error": type(exc).__name__})

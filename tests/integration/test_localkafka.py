@@ -16,7 +16,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
-from stream.localkafka import LocalKafka, LocalKafkaError, _free_ports, _port_open, main, resolve_kafka
+from stream.localkafka import (
+    PIDFILE_VARIABLE,
+    LocalKafka,
+    LocalKafkaError,
+    _free_ports,
+    _port_open,
+    main,
+    process_start_time,
+    resolve_kafka,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +263,8 @@ sys.stdin.read()  # wait for SIGKILL: PR_SET_PDEATHSIG must take the broker down
 
 
 @pytest.mark.parametrize("how", ["crash", "sigkill"])
-async def test_no_broker_outlives_its_parent(tmp_path: Path, how: str):
+async def test_no_broker_outlives_its_parent(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, how: str):
+    pidfile = tmp_path_factory.mktemp("pidfile") / "brokers.pid"
     parent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -264,11 +274,13 @@ async def test_no_broker_outlives_its_parent(tmp_path: Path, how: str):
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), PIDFILE_VARIABLE: str(pidfile)},
     )
     try:
         assert await asyncio.wait_for(parent.stdout.readline(), timeout=120) == b"started\n"
-        assert len(_brokers_using(tmp_path)) == 1
+        (broker_pid,) = _brokers_using(tmp_path)
+        # The broker's pid and start time are recorded, for .ci/stop-started to stop exactly this process.
+        assert pidfile.read_text() == f"{broker_pid} {process_start_time(broker_pid)}\n"
         if how == "sigkill":
             parent.kill()
         await asyncio.wait_for(parent.wait(), timeout=60)

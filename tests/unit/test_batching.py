@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 import pytest
 
@@ -18,9 +19,19 @@ MAX_AGE = 3600.0
 _offsets = itertools.count()
 
 
-def entries(n: int, source: object = "p0", start: float = 0.0) -> list[Entry]:
+def entries(n: int, source: object = "p0", start: float = 0.0, born: float = 0.0) -> list[Entry]:
     """n samples from one partition, with increasing starts and offsets unique across the test module."""
-    return [Entry(start + i, b'{"i":%d}' % i, source, next(_offsets), 0.0) for i in range(n)]
+    out = []
+    for i in range(n):
+        offset = next(_offsets)  # distinct bodies: no two of these are copies of one sample
+        out.append(Entry(start + i, b'{"o":%d}' % offset, source, offset, 0.0, born))
+    return out
+
+
+def with_born(added: list[Entry], born: float) -> list[Entry]:
+    for entry in added:
+        entry.born = born
+    return added
 
 
 def batcher(max_samples: int = 10, window: float = WINDOW, hold: float = HOLD, max_age: float = MAX_AGE) -> Batcher:
@@ -40,7 +51,7 @@ def nothing(work: Work) -> bool:
 
 def test_a_full_buffer_leaves_at_once_with_exactly_max_samples():
     b = batcher(max_samples=10)
-    b.add(KEY, entries(13), now=0.0, born=0.0)
+    b.add(KEY, entries(13), now=0.0)
 
     work = poll(b, now=0.0)
 
@@ -50,18 +61,18 @@ def test_a_full_buffer_leaves_at_once_with_exactly_max_samples():
 
 def test_a_buffer_filling_up_over_several_adds_leaves_when_full():
     b = batcher(max_samples=10)
-    b.add(KEY, entries(6), now=0.0, born=0.0)
+    b.add(KEY, entries(6), now=0.0)
     assert nothing(poll(b, now=0.1))
 
-    b.add(KEY, entries(4), now=0.2, born=0.2)
+    b.add(KEY, with_born(entries(4), 0.2), now=0.2)
 
     assert [len(batch.entries) for batch in poll(b, now=0.2).batches] == [10]
 
 
 def test_a_buffer_leaves_when_its_oldest_sample_has_waited_the_window_not_before():
     b = batcher()
-    b.add(KEY, entries(2), now=100.0, born=0.0)
-    b.add(KEY, entries(2), now=103.0, born=0.0)
+    b.add(KEY, entries(2), now=100.0)
+    b.add(KEY, entries(2), now=103.0)
 
     assert nothing(poll(b, now=100.0 + WINDOW - 1e-6))
     work = poll(b, now=100.0 + WINDOW)
@@ -74,8 +85,8 @@ def test_a_batch_is_chronological_by_start_date():
     b = batcher()
     shuffled = entries(5, start=0.0)
     random.Random(3).shuffle(shuffled)
-    b.add(KEY, shuffled[:2], now=0.0, born=0.0)
-    b.add(KEY, entries(2, start=-10.0) + shuffled[2:], now=1.0, born=1.0)
+    b.add(KEY, shuffled[:2], now=0.0)
+    b.add(KEY, with_born(entries(2, start=-10.0) + shuffled[2:], 1.0), now=1.0)
 
     (batch,) = poll(b, now=WINDOW).batches
 
@@ -86,8 +97,8 @@ def test_a_batch_is_chronological_by_start_date():
 
 def test_keys_are_batched_separately():
     b = batcher()
-    b.add(KEY, entries(3), now=0.0, born=0.0)
-    b.add(OTHER, entries(4), now=0.0, born=0.0)
+    b.add(KEY, entries(3), now=0.0)
+    b.add(OTHER, entries(4), now=0.0)
 
     work = poll(b, now=WINDOW)
 
@@ -99,9 +110,9 @@ def test_keys_are_batched_separately():
 
 def test_a_keys_second_batch_waits_until_the_first_is_done():
     b = batcher(max_samples=5)
-    b.add(KEY, entries(5, start=0.0), now=0.0, born=0.0)
+    b.add(KEY, entries(5, start=0.0), now=0.0)
     (first,) = poll(b, now=0.0).batches
-    b.add(KEY, entries(5, start=100.0), now=1.0, born=1.0)
+    b.add(KEY, with_born(entries(5, start=100.0), 1.0), now=1.0)
 
     assert nothing(poll(b, now=1.0))
     assert nothing(poll(b, now=1.0 + WINDOW + HOLD))
@@ -116,9 +127,9 @@ def test_a_keys_second_batch_waits_until_the_first_is_done():
 
 def test_after_done_a_small_remainder_still_waits_for_its_window():
     b = batcher(max_samples=5)
-    b.add(KEY, entries(5), now=0.0, born=0.0)
+    b.add(KEY, entries(5), now=0.0)
     poll(b, now=0.0)
-    b.add(KEY, entries(3), now=1.0, born=1.0)
+    b.add(KEY, with_born(entries(3), 1.0), now=1.0)
 
     b.done(KEY, now=2.0)
 
@@ -128,10 +139,10 @@ def test_after_done_a_small_remainder_still_waits_for_its_window():
 
 def test_other_keys_are_not_blocked_by_a_key_in_flight():
     b = batcher(max_samples=3)
-    b.add(KEY, entries(3), now=0.0, born=0.0)
+    b.add(KEY, entries(3), now=0.0)
     poll(b, now=0.0)
 
-    b.add(OTHER, entries(3), now=0.5, born=0.5)
+    b.add(OTHER, with_born(entries(3), 0.5), now=0.5)
 
     assert [batch.key for batch in poll(b, now=0.5).batches] == [OTHER]
 
@@ -140,7 +151,7 @@ def test_slots_limit_how_many_batches_leave_and_the_rest_leave_later():
     b = batcher(max_samples=3)
     keys = [(f"user-{i}", "steps") for i in range(5)]
     for key in keys:
-        b.add(key, entries(3), now=0.0, born=0.0)
+        b.add(key, entries(3), now=0.0)
 
     assert nothing(poll(b, now=0.0, slots=0))
     waves = [[batch.key for batch in poll(b, now=0.0, slots=2).batches] for _ in range(4)]
@@ -179,7 +190,7 @@ def test_every_chunk_of_any_number_of_samples_is_within_3_and_max(max_samples):
 def test_plan_take_of_fewer_than_3_is_everything_and_the_batcher_never_sends_it(n):
     assert plan_take(n, 1000) == n
     b = batcher()
-    b.add(KEY, entries(n), now=0.0, born=0.0)
+    b.add(KEY, entries(n), now=0.0)
     b.flush_all("shutdown")
 
     assert poll(b, now=HOLD - 1).batches == []
@@ -194,7 +205,7 @@ def test_plan_take_never_takes_fewer_than_3_even_with_a_tiny_maximum(max_samples
 
 def test_a_batcher_with_max_3_sends_3_and_keeps_the_4th_for_later():
     b = batcher(max_samples=3)
-    b.add(KEY, entries(4), now=0.0, born=0.0)
+    b.add(KEY, entries(4), now=0.0)
 
     (batch,) = poll(b, now=0.0).batches
     assert len(batch.entries) == 3
@@ -211,21 +222,22 @@ def test_a_batcher_with_max_3_sends_3_and_keeps_the_4th_for_later():
 def test_a_buffer_of_1_or_2_is_never_batched_and_is_parked_after_hold(n):
     b = batcher()
     added = entries(n)
-    b.add(KEY, added, now=10.0, born=500.0)
+    b.add(KEY, with_born(added, 500.0), now=10.0)
 
     assert nothing(poll(b, now=10.0 + WINDOW, wall=500.0 + WINDOW))
     assert nothing(poll(b, now=10.0 + HOLD - 1e-6, wall=500.0 + HOLD))
     work = poll(b, now=10.0 + HOLD, wall=500.0 + HOLD)
 
     assert work.batches == [] and work.expire == []
-    assert work.park == [Small(KEY, added, 500.0)]
+    assert work.park == [Small(KEY, added)]
+    assert work.park[0].born == 500.0
     assert b.buffered_samples == 0 and b.buffers == 0
 
 
 def test_a_small_buffer_is_expired_once_born_plus_max_age_is_reached():
     b = batcher()
-    b.add(KEY, entries(2), now=0.0, born=1000.0)
-    b.add(OTHER, entries(2), now=0.0, born=1000.0 + 1e-3)
+    b.add(KEY, with_born(entries(2), 1000.0), now=0.0)
+    b.add(OTHER, with_born(entries(2), 1000.0 + 1e-3), now=0.0)
 
     work = poll(b, now=HOLD, wall=1000.0 + MAX_AGE)
 
@@ -233,21 +245,25 @@ def test_a_small_buffer_is_expired_once_born_plus_max_age_is_reached():
     assert [s.key for s in work.park] == [OTHER]
 
 
-def test_the_oldest_born_is_kept_when_a_parked_sample_comes_back():
+def test_each_sample_is_aged_by_its_own_birth():
+    # A fresh sample that joins a parked tail about to expire is parked again, not expired with the tail.
     b = batcher()
-    b.add(KEY, entries(1), now=0.0, born=2000.0)  # a new sample
-    b.add(KEY, entries(1), now=1.0, born=100.0)  # a parked one, first seen long ago
+    fresh = with_born(entries(1), 2000.0)
+    old = with_born(entries(1), 100.0)  # a parked one, first seen long ago
+    b.add(KEY, list(fresh), now=0.0)  # the batcher takes the list over
+    b.add(KEY, list(old), now=1.0)
 
-    (expired,) = poll(b, now=HOLD, wall=100.0 + MAX_AGE).expire
+    work = poll(b, now=HOLD, wall=100.0 + MAX_AGE)
 
-    assert expired.born == 100.0
-    assert len(expired.entries) == 2
+    assert [s.entries for s in work.expire] == [old]
+    assert [s.entries for s in work.park] == [fresh]
+    assert b.buffered_samples == 0
 
 
 def test_a_small_buffer_reaching_3_within_the_window_leaves_as_a_batch():
     b = batcher()
-    b.add(KEY, entries(1), now=0.0, born=0.0)
-    b.add(KEY, entries(2), now=WINDOW - 1, born=0.0)
+    b.add(KEY, entries(1), now=0.0)
+    b.add(KEY, entries(2), now=WINDOW - 1)
 
     work = poll(b, now=WINDOW)
 
@@ -257,9 +273,9 @@ def test_a_small_buffer_reaching_3_within_the_window_leaves_as_a_batch():
 
 def test_a_small_buffer_reaching_3_before_hold_is_not_parked():
     b = batcher()
-    b.add(KEY, entries(1), now=0.0, born=0.0)
+    b.add(KEY, entries(1), now=0.0)
     poll(b, now=WINDOW)  # the window passes with a single sample
-    b.add(KEY, entries(2), now=WINDOW + 1, born=0.0)
+    b.add(KEY, entries(2), now=WINDOW + 1)
 
     work = poll(b, now=HOLD)
 
@@ -269,9 +285,9 @@ def test_a_small_buffer_reaching_3_before_hold_is_not_parked():
 
 def test_a_buffer_reaching_3_after_its_window_leaves_at_the_next_poll():
     b = batcher()
-    b.add(KEY, entries(1), now=0.0, born=0.0)
+    b.add(KEY, entries(1), now=0.0)
     poll(b, now=WINDOW)
-    b.add(KEY, entries(2), now=WINDOW + 1, born=0.0)
+    b.add(KEY, entries(2), now=WINDOW + 1)
 
     assert [len(batch.entries) for batch in poll(b, now=WINDOW + 2).batches] == [3]
 
@@ -281,8 +297,8 @@ def test_a_buffer_reaching_3_after_its_window_leaves_at_the_next_poll():
 
 def test_flush_all_sends_every_buffer_of_3_or_more_now_and_keeps_small_ones():
     b = batcher()
-    b.add(KEY, entries(3), now=0.0, born=0.0)
-    b.add(OTHER, entries(2), now=0.0, born=0.0)
+    b.add(KEY, entries(3), now=0.0)
+    b.add(OTHER, entries(2), now=0.0)
 
     b.flush_all("shutdown")
     work = poll(b, now=0.1)
@@ -294,10 +310,10 @@ def test_flush_all_sends_every_buffer_of_3_or_more_now_and_keeps_small_ones():
 
 def test_flush_all_sends_a_key_in_flight_once_its_batch_is_done():
     b = batcher(max_samples=5)
-    b.add(KEY, entries(5), now=0.0, born=0.0)
+    b.add(KEY, entries(5), now=0.0)
     poll(b, now=0.0)
-    b.add(KEY, entries(3), now=0.1, born=0.1)
-    b.add(OTHER, entries(4), now=0.1, born=0.1)
+    b.add(KEY, with_born(entries(3), 0.1), now=0.1)
+    b.add(OTHER, with_born(entries(4), 0.1), now=0.1)
 
     b.flush_all("shutdown")
     assert [batch.key for batch in poll(b, now=0.2).batches] == [OTHER]
@@ -308,9 +324,9 @@ def test_flush_all_sends_a_key_in_flight_once_its_batch_is_done():
 
 def test_take_small_leaves_a_key_in_flight_alone():
     b = batcher(max_samples=3)
-    b.add(KEY, entries(3), now=0.0, born=0.0)
+    b.add(KEY, entries(3), now=0.0)
     poll(b, now=0.0)
-    b.add(KEY, entries(1), now=0.1, born=0.1)
+    b.add(KEY, with_born(entries(1), 0.1), now=0.1)
 
     assert b.take_small() == []
     b.done(KEY, now=0.2)
@@ -319,8 +335,8 @@ def test_take_small_leaves_a_key_in_flight_alone():
 
 def test_flush_keys_sends_only_the_given_keys_with_their_reason():
     b = batcher()
-    b.add(KEY, entries(3, source="p0"), now=0.0, born=0.0)
-    b.add(OTHER, entries(3, source="p1"), now=0.0, born=0.0)
+    b.add(KEY, entries(3, source="p0"), now=0.0)
+    b.add(OTHER, entries(3, source="p1"), now=0.0)
 
     b.flush_keys(b.keys_with_sources({"p0"}), "revoke")
 
@@ -330,11 +346,11 @@ def test_flush_keys_sends_only_the_given_keys_with_their_reason():
 def test_drop_sources_forgets_exactly_the_revoked_partitions_samples():
     b = batcher()
     kept = entries(3, source="p1")
-    b.add(KEY, entries(2, source="p0") + kept[:2], now=0.0, born=0.0)
-    b.add(KEY, kept[2:], now=0.5, born=0.5)
-    b.add(OTHER, entries(2, source="p0"), now=0.0, born=0.0)
+    b.add(KEY, entries(2, source="p0") + kept[:2], now=0.0)
+    b.add(KEY, with_born(kept[2:], 0.5), now=0.5)
+    b.add(OTHER, entries(2, source="p0"), now=0.0)
 
-    assert b.drop_sources({"p0"}) == 4
+    assert b.drop_sources({"p0"}, 0.0) == 4
 
     assert b.buffered_samples == 3
     assert b.buffers == 1
@@ -344,17 +360,17 @@ def test_drop_sources_forgets_exactly_the_revoked_partitions_samples():
 
 def test_drop_sources_of_unknown_partitions_changes_nothing():
     b = batcher()
-    b.add(KEY, entries(3), now=0.0, born=0.0)
+    b.add(KEY, entries(3), now=0.0)
 
-    assert b.drop_sources({"p9"}) == 0
+    assert b.drop_sources({"p9"}, 0.0) == 0
     assert b.buffered_samples == 3
 
 
 def test_a_ready_buffer_cut_below_3_by_drop_sources_is_still_parked_later():
     b = batcher()
-    b.add(KEY, entries(2, source="p0") + entries(2, source="p1"), now=0.0, born=0.0)
+    b.add(KEY, entries(2, source="p0") + entries(2, source="p1"), now=0.0)
     assert nothing(poll(b, now=WINDOW, slots=0))  # ready, but every slot is taken
-    b.drop_sources({"p0"})
+    b.drop_sources({"p0"}, 0.0)
     poll(b, now=WINDOW + 1)
 
     work = poll(b, now=HOLD + 1)
@@ -364,10 +380,10 @@ def test_a_ready_buffer_cut_below_3_by_drop_sources_is_still_parked_later():
 
 def test_a_buffer_emptied_by_drop_sources_is_never_handed_out_empty():
     b = batcher(max_samples=3)
-    b.add(KEY, entries(3, source="p0"), now=0.0, born=0.0)
+    b.add(KEY, entries(3, source="p0"), now=0.0)
     poll(b, now=0.0)
-    b.add(KEY, entries(1, source="p0"), now=0.1, born=0.1)
-    b.drop_sources({"p0"})
+    b.add(KEY, with_born(entries(1, source="p0"), 0.1), now=0.1)
+    b.drop_sources({"p0"}, 0.0)
     b.done(KEY, now=0.2)
 
     work = poll(b, now=HOLD + 1)
@@ -411,6 +427,15 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
         for small in b.take_small():
             assert 0 < len(small.entries) < MIN_SAMPLES
             hand_out([e.offset for e in small.entries], "park")
+            twins(small, "park")
+
+    def twins(taken, handed) -> None:
+        ids = {id(e) for e in taken.entries}
+        for original, copy in taken.twins:
+            assert id(original) in ids, "a copy handed out without its original"
+            assert (copy.start, copy.body) == (original.start, original.body)
+        assert len({(e.start, e.body) for e in taken.entries}) == len(taken.entries), "two copies in one batch"
+        hand_out([copy.offset for _, copy in taken.twins], handed)
 
     def take(work: Work) -> None:
         for batch in work.batches:
@@ -419,14 +444,17 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
             assert [e.start for e in batch.entries] == sorted(e.start for e in batch.entries)
             in_flight.add(batch.key)
             hand_out([e.offset for e in batch.entries], "batch")
+            twins(batch, "batch")
         for small in work.park + work.expire:
             assert 0 < len(small.entries) < MIN_SAMPLES
         for small in work.park:
-            assert now < small.born + max_age
+            assert all(now < e.born + max_age for e in small.entries)
             hand_out([e.offset for e in small.entries], "park")
+            twins(small, "park")
         for small in work.expire:
-            assert now >= small.born + max_age
+            assert all(now >= e.born + max_age for e in small.entries)
             hand_out([e.offset for e in small.entries], "expire")
+            twins(small, "expire")
 
     for _ in range(20000):
         now += rng.choice([0.0, 0.0, 0.1, 0.5, 1.0, 3.0])
@@ -434,10 +462,13 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
         if op < 0.40:
             source = rng.choice(sources)
             new = [Entry(rng.uniform(0, 1e6), b"{}", source, len(added) + i, 0.0) for i in range(rng.randint(1, 9))]
+            if buffered and rng.random() < 0.3:  # a copy of a buffered sample (a re-send, a parked copy)
+                copied = added[rng.choice(sorted(buffered))]
+                new.append(Entry(copied.start, copied.body, source, len(added) + len(new), 0.0))
             for e in new:
                 added[e.offset] = e
                 buffered.add(e.offset)
-            b.add(rng.choice(keys), new, now, now - rng.choice([0.0, 0.0, 15.0]))
+            b.add(rng.choice(keys), with_born(new, now - rng.choice([0.0, 0.0, 15.0])), now)
         elif op < 0.75:
             take(b.poll(now, now, rng.randint(0, 3)))
         elif op < 0.92:
@@ -448,7 +479,7 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
         elif op < 0.96:
             revoked = {rng.choice(sources)}
             gone = [o for o in buffered if added[o].source in revoked]
-            assert b.drop_sources(revoked) == len(gone)
+            assert b.drop_sources(revoked, now) == len(gone)
             hand_out(gone, "drop")
         elif op < 0.98:
             b.flush_keys({rng.choice(keys)}, "revoke")
@@ -469,3 +500,55 @@ def test_random_operations_never_lose_or_duplicate_a_sample_and_keep_the_counter
     assert b.buffered_samples == 0
     assert set(fate) == set(added)
     assert {"batch", "park", "expire", "drop"} <= set(fate.values())  # the run exercised every fate
+
+
+# -- copies and memory ---------------------------------------------------------------------------------
+
+
+def test_two_copies_of_one_sample_never_go_out_in_one_batch():
+    b = batcher()
+    original = entries(3)
+    copies = [Entry(e.start, e.body, "p1", 10_000 + i, 0.0) for i, e in enumerate(original[:2])]
+    b.add(KEY, original + copies, now=0.0)  # 5 entries, 3 samples
+
+    (batch,) = poll(b, now=WINDOW).batches
+
+    assert batch.entries == original
+    pairs = [(o.offset, c.offset) for o, c in batch.twins]
+    assert pairs == [(original[0].offset, 10_000), (original[1].offset, 10_001)]
+    assert b.buffered_samples == 0
+
+
+def test_copies_that_only_looked_like_three_samples_wait_as_a_tail():
+    b = batcher()
+    (one,) = entries(1)
+    b.add(KEY, [one, Entry(one.start, one.body, "p0", 20_000, 0.0), Entry(one.start, one.body, "p0", 20_001, 0.0)], 0.0)
+
+    assert poll(b, now=WINDOW).batches == []
+    (small,) = poll(b, now=HOLD).park
+    assert small.entries == [one]
+    assert sorted(c.offset for _, c in small.twins) == [20_000, 20_001]
+
+
+def test_a_copy_whose_original_is_dropped_at_a_revoke_stays_as_a_sample_of_its_own():
+    b = batcher()
+    original = entries(2, source="p0")
+    copy = Entry(original[0].start, original[0].body, "p1", 30_000, 0.0)
+    b.add(KEY, [*original, copy], now=0.0)
+    assert poll(b, now=WINDOW).batches == []  # two samples and a copy: the copy is set aside
+    assert b.drop_sources({"p0"}, now=WINDOW + 1) == 2
+    assert b.buffered_samples == 1
+    (small,) = poll(b, now=WINDOW + 1 + HOLD).park
+    assert small.entries == [copy] and small.twins == []
+
+
+def test_a_taken_batch_is_not_kept_alive_by_its_buffer():
+    # A buffer taken whole stays in the deadline queue until its window; it must not hold the batch's samples.
+    b = batcher(max_samples=1000)
+    body = bytes(bytearray(b"unique body that only this test holds"))
+    before = sys.getrefcount(body)
+    b.add(KEY, [Entry(0.0, body, "p0", 1, 0.0), *entries(999, start=1.0)], now=0.0)
+    (batch,) = poll(b, now=0.0).batches
+    assert len(batch.entries) == 1000
+    del batch
+    assert sys.getrefcount(body) == before

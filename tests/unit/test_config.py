@@ -27,7 +27,7 @@ def test_defaults_without_any_variable():
     assert settings.kafka_topics == ("samples",)
     assert settings.batch_max_samples == 1000
     assert settings.samples_url == "https://api-b2b.gerosense.ai/api/v2.2/samples"
-    assert settings.input_topics == ("samples", "samples.pending")
+    assert settings.input_topics == ("samples", "samples-sync-pending")  # derived from the group id
 
 
 def test_values_come_from_stream_variables_and_are_converted():
@@ -186,3 +186,28 @@ def test_a_misspelt_variable_is_reported_but_kubernetes_service_links_are_not():
 def test_pretty_printers_do_not_show_the_token_either():
     settings = load({"STREAM_API_TOKEN": "s3cret-token"})
     assert "s3cret-token" not in repr(list(settings.__rich_repr__()))
+
+
+def test_the_group_timeouts_are_explicit_and_fit_the_revoke():
+    settings = load({})
+    # A revoke waits up to 15 s for requests, then commits (10 s): the group must wait longer than that.
+    assert settings.revoke_budget_seconds == 15 + 10 + 5
+    assert settings.kafka_rebalance_timeout_seconds >= settings.revoke_budget_seconds
+    assert settings.kafka_session_timeout_seconds == 45
+
+
+def test_a_revoke_that_would_outlast_the_rebalance_timeout_is_refused_at_start():
+    with pytest.raises(ConfigError, match="STREAM_REVOKE_TIMEOUT_SECONDS.*STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS"):
+        load({"STREAM_REVOKE_TIMEOUT_SECONDS": "50", "STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS": "60"})
+    assert load({"STREAM_REVOKE_TIMEOUT_SECONDS": "45", "STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS": "60"})
+
+
+def test_a_heartbeat_too_slow_for_the_session_is_refused():
+    with pytest.raises(ConfigError, match="STREAM_KAFKA_HEARTBEAT_INTERVAL_SECONDS"):
+        load({"STREAM_KAFKA_HEARTBEAT_INTERVAL_SECONDS": "20", "STREAM_KAFKA_SESSION_TIMEOUT_SECONDS": "45"})
+
+
+def test_each_group_parks_in_a_topic_of_its_own_unless_told_otherwise():
+    assert load({"STREAM_KAFKA_GROUP_ID": "blue"}).pending_topic == "blue-pending"
+    assert load({"STREAM_KAFKA_GROUP_ID": "green"}).pending_topic == "green-pending"
+    assert load({"STREAM_PENDING_TOPIC": "shared.pending"}).pending_topic == "shared.pending"

@@ -23,7 +23,16 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from stream.sandbox import STATE_KEY, Faults, SandboxServer, SandboxState, create_app, main
+from stream.sandbox import (
+    STATE_KEY,
+    Faults,
+    SandboxServer,
+    SandboxState,
+    create_app,
+    faults_from_args,
+    main,
+)
+from stream.sandbox import _parser as sandbox_parser
 
 TOKEN = "test-token"
 
@@ -626,6 +635,10 @@ async def test_faults_endpoint_reads_and_replaces(client: TestClient) -> None:
         "fail_all_status": None,
         "poison_user_ids": [],
         "refuse_device_names": [],
+        "redirect_status": 0,
+        "redirect_rate": 1.0,
+        "partial_rate": 0.0,
+        "odd_207": None,
     }
     await put_faults(client, throttle_rate=0.5)
     await put_faults(client, error_rate=0.25)  # replaces: throttle_rate is back to its default
@@ -642,6 +655,14 @@ async def test_faults_endpoint_reads_and_replaces(client: TestClient) -> None:
         {"nonsense": 1},
         {"poison_user_ids": "u"},
         {"hang_seconds": 0},
+        {"redirect_status": 300},
+        {"redirect_status": 304},
+        {"redirect_status": 200},
+        {"redirect_status": "302"},
+        {"redirect_rate": 1.5},
+        {"partial_rate": -0.1},
+        {"odd_207": "bogus"},
+        {"odd_207": ""},
     ],
 )
 async def test_invalid_faults_are_refused_and_change_nothing(client: TestClient, faults: dict[str, Any]) -> None:
@@ -653,6 +674,218 @@ async def test_invalid_faults_are_refused_and_change_nothing(client: TestClient,
 def test_faults_built_in_python_are_validated_too() -> None:
     with pytest.raises(ValueError):
         create_app(TOKEN, faults=Faults(error_rate=2.0))
+
+
+async def post_raw(client: TestClient, payload: Any, token: str = TOKEN) -> aiohttp.ClientResponse:
+    """POST /samples without following redirects; the caller reads the response."""
+    headers = {"Authorization": f"Bearer {token}"}
+    return await client.post("/samples", json=payload, headers=headers, allow_redirects=False)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_redirect_answers_the_status_with_a_landing_page_that_accepts_nothing(
+    client: TestClient, status: int
+) -> None:
+    await put_faults(client, redirect_status=status)
+    resp = await post_raw(client, batch(valid_samples(3)))
+
+    assert resp.status == status
+    location = resp.headers["Location"]
+    assert location == f"http://{client.host}:{client.port}/_sandbox/landing"
+    assert resp.content_type == "text/html"
+    state = state_of(client)
+    assert (state.accepted_samples, state.faults_injected) == (0, {"redirect": 1})
+    assert [(e["status"], e["fault"], e["size"]) for e in state.request_log] == [(status, "redirect", 3)]
+
+    # The landing page answers 200 to a GET (what 301/302/303 become) and to a POST (307/308), accepts nothing.
+    for method in ("GET", "POST"):
+        async with client.session.request(method, location, json=batch(valid_samples(3))) as landing:
+            assert landing.status == 200
+            assert "html" in (await landing.text()).lower()
+    stats = await get_json(client, "/_sandbox/stats")
+    assert stats["landing_requests"] == {"GET": 1, "POST": 1}
+    assert (stats["accepted_samples"], stats["requests"]) == (0, 1)
+
+    await put_faults(client)  # faithful again
+    assert (await post_raw(client, batch(valid_samples(3)))).status == 200
+
+
+async def test_redirect_is_checked_after_the_token_and_before_the_body(client: TestClient) -> None:
+    await put_faults(client, redirect_status=308)
+    assert (await post_raw(client, batch(valid_samples(3)), token="wrong")).status == 401
+    assert (await post_raw(client, batch(valid_samples(1)))).status == 308  # a faulted request is not judged
+
+
+async def test_redirect_rate_redirects_a_reproducible_share(make_client: Any) -> None:
+    async def statuses(client: TestClient) -> list[int]:
+        return [(await post_raw(client, batch(valid_samples(3)))).status for _ in range(30)]
+
+    faults = Faults(redirect_status=302, redirect_rate=0.5)
+    first = await statuses(await make_client(seed=3, faults=faults))
+    assert first == await statuses(await make_client(seed=3, faults=faults))
+    assert set(first) == {200, 302}
+
+
+async def test_partial_rate_refuses_one_random_sample_of_a_valid_batch(client: TestClient) -> None:
+    await put_faults(client, partial_rate=1.0)
+    samples = valid_samples(10)
+    status, body, _ = await post(client, batch(samples))
+
+    assert status == 207
+    assert body["accepted"] == 9
+    ((refused,),) = [[r["index"] for r in body["rejected"]]]
+    assert body["rejected"] == [{"index": refused, "reason": "partial_refused"}]
+    assert [s for _, _, s in state_of(client).accepted] == samples[:refused] + samples[refused + 1 :]
+    stats = await get_json(client, "/_sandbox/stats")
+    assert stats["rejected_reasons"] == {"partial_refused": 1}
+    assert stats["faults_injected"] == {"partial": 1}
+    assert state_of(client).request_log[-1]["fault"] == "partial"
+
+
+async def test_partial_rate_leaves_batches_with_their_own_refusals_alone(client: TestClient) -> None:
+    await put_faults(client, partial_rate=1.0)
+    status, body, _ = await post(client, with_sample_at(1, sample(value=0), n=4))
+
+    assert (status, body["rejected"]) == (207, [{"index": 1, "reason": "value_out_of_range"}])
+    assert state_of(client).faults_injected == {}
+
+
+async def test_partial_rate_draws_a_reproducible_share(make_client: Any) -> None:
+    async def answers(client: TestClient) -> list[tuple[int, Any]]:
+        out = []
+        for _ in range(30):
+            status, body, _ = await post(client, batch(valid_samples(5)))
+            out.append((status, body.get("rejected")))
+        return out
+
+    first = await answers(await make_client(seed=5, faults=Faults(partial_rate=0.5)))
+    assert first == await answers(await make_client(seed=5, faults=Faults(partial_rate=0.5)))
+    assert {status for status, _ in first} == {200, 207}
+    assert len({str(rejected) for status, rejected in first if status == 207}) > 1  # not always the same index
+
+
+REFUSED_AT_1_AND_3 = [sample(), sample(device_name="Broken Watch"), sample(), sample(device_name="Broken Watch")]
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("reason_null", {"accepted": 2, "rejected": [{"index": 1, "reason": None}, {"index": 3, "reason": None}]}),
+        (
+            "reason_object",
+            {
+                "accepted": 2,
+                "rejected": [
+                    {"index": 1, "reason": {"code": "device_refused", "message": "sample 1 refused"}},
+                    {"index": 3, "reason": {"code": "device_refused", "message": "sample 3 refused"}},
+                ],
+            },
+        ),
+        (
+            "index_string",
+            {
+                "accepted": 2,
+                "rejected": [{"index": "1", "reason": "device_refused"}, {"index": "3", "reason": "device_refused"}],
+            },
+        ),
+        (
+            "index_float",
+            {
+                "accepted": 2,
+                "rejected": [{"index": 1.0, "reason": "device_refused"}, {"index": 3.0, "reason": "device_refused"}],
+            },
+        ),
+        (
+            "unknown_shape",
+            {
+                "accepted": 2,
+                "rejected": [{"sample": 1, "error": "device_refused"}, {"sample": 3, "error": "device_refused"}],
+            },
+        ),
+        ("empty_list", {"accepted": 2, "rejected": []}),
+        (
+            "extra_fields",
+            {
+                "accepted": 2,
+                "rejected": [
+                    {
+                        "index": i,
+                        "reason": "device_refused",
+                        "severity": "error",
+                        "field": None,
+                        "details": {"retry": False},
+                    }
+                    for i in (1, 3)
+                ],
+                "request_id": "sandbox",
+                "warnings": [],
+            },
+        ),
+    ],
+)
+async def test_odd_207_reshapes_the_body_of_a_207_and_nothing_else(
+    client: TestClient, shape: str, expected: dict[str, Any]
+) -> None:
+    await put_faults(client, refuse_device_names=["Broken Watch"], odd_207=shape)
+    resp = await post_raw(client, batch(REFUSED_AT_1_AND_3))
+
+    assert resp.status == 207
+    raw = await resp.read()
+    assert json.loads(raw) == expected
+    if shape == "index_float":
+        assert b'"index":1.0' in raw  # a float on the wire, not an integer
+    state = state_of(client)
+    assert (state.accepted_samples, state.rejected_samples) == (2, 2)  # the truth is unchanged
+    assert state.faults_injected == {"odd_207": 1}
+    # 200 and 400 keep their documented bodies.
+    assert (await post(client, batch(valid_samples(3))))[:2] == (200, {"accepted": 3})
+    status, body, _ = await post(client, batch([sample(device_name="Broken Watch")] * 3))
+    assert status == 400 and body["rejected"][0] == {"index": 0, "reason": "device_refused"}
+
+
+async def test_odd_207_not_json_answers_an_html_page(client: TestClient) -> None:
+    await put_faults(client, refuse_device_names=["Broken Watch"], odd_207="not_json")
+    resp = await post_raw(client, batch(REFUSED_AT_1_AND_3))
+
+    assert (resp.status, resp.content_type) == (207, "text/html")
+    text = await resp.text()
+    assert text.lstrip().startswith("<!doctype html>")
+    with pytest.raises(ValueError):
+        json.loads(text)
+    assert state_of(client).accepted_samples == 2
+
+
+async def test_odd_207_applies_to_a_207_made_by_partial_rate(client: TestClient) -> None:
+    await put_faults(client, partial_rate=1.0, odd_207="index_string")
+    status, body, _ = await post(client, batch(valid_samples(4)))
+
+    assert status == 207
+    (entry,) = body["rejected"]
+    assert entry["reason"] == "partial_refused" and entry["index"] in {"0", "1", "2", "3"}
+    assert state_of(client).faults_injected == {"partial": 1, "odd_207": 1}
+    assert state_of(client).request_log[-1]["fault"] == "odd_207"
+
+
+def test_the_new_fault_flags_map_to_faults() -> None:
+    args = sandbox_parser().parse_args(
+        ["--redirect-status", "307", "--redirect-rate", "0.25", "--partial-rate", "0.5", "--odd-207", "index_float"]
+    )
+    assert faults_from_args(args) == Faults(
+        redirect_status=307, redirect_rate=0.25, partial_rate=0.5, odd_207="index_float"
+    )
+    assert faults_from_args(sandbox_parser().parse_args([])) == Faults()  # faithful by default
+
+
+@pytest.mark.parametrize(
+    "argv", [["--redirect-status", "300"], ["--redirect-rate", "2"], ["--partial-rate", "-1"], ["--odd-207", "x"]]
+)
+def test_cli_rejects_invalid_new_fault_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err  # the flag exists; its value is what is refused
+    assert argv[0] in err or argv[0].lstrip("-").replace("-", "_") in err
 
 
 # --- Records, stats and control ------------------------------------------------------------------
@@ -678,6 +911,7 @@ async def test_stats_summarise_every_request(client: TestClient) -> None:
         "faults_injected": {},
         "rejected_reasons": {"value_out_of_range": 1},
         "request_errors": {"batch_too_small": 1},
+        "landing_requests": {},
         "fast": False,
     }
     log = await get_json(client, "/_sandbox/requests")

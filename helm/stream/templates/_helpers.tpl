@@ -138,7 +138,12 @@ files in place when a Secret changes, and the service re-reads the token without
 {{- if lt (float64 .Values.config.minBatchMaxAgeSeconds) (float64 .Values.config.minBatchHoldSeconds) }}
 {{- fail "config.minBatchMaxAgeSeconds must be at least config.minBatchHoldSeconds" }}
 {{- end }}
-{{- if or (has .Values.kafka.dlqTopic .Values.kafka.topics) (has .Values.kafka.pendingTopic .Values.kafka.topics) }}
+{{- if or (has .Values.kafka.dlqTopic .Values.kafka.topics) (has (include "stream.pendingTopic" .) .Values.kafka.topics) }}
 {{- fail "kafka.dlqTopic and kafka.pendingTopic must differ from kafka.topics" }}
 {{- end }}
+{{- end }}
+
+{{/* The pending topic: the configured one, or one of the consumer group's own (as the service derives it). */}}
+{{- define "stream.pendingTopic" -}}
+{{- default (printf "%s-pending" .Values.kafka.groupId) .Values.kafka.pendingTopic -}}
 {{- end }}
