@@ -63,6 +63,26 @@ def many_keys_records(keys: int, seed: int = 13) -> tuple[list[tuple[bytes, byte
     return out, len(out)
 
 
+def dead_letter_records(count: int, users: int, seed: int = 19) -> list[tuple[bytes, bytes]]:
+    """`count` single-sample events of `users` users, each valid but for its value (-1): every one is a dead
+    letter of reason `invalid_value`, and nothing ever goes to the API.
+
+    Samples come from a small pool of realistic ones (only the user and the value differ); keyed by user,
+    in a random order of users.
+    """
+    data = WearableData(seed=seed)
+    pool = [(t, s) for t in DATA_TYPES for s in data.samples(t, 500)]
+    user_ids = data.user_ids(users)
+    rng = random.Random(seed)
+    encode = msgspec.json.Encoder().encode
+    out: list[tuple[bytes, bytes]] = []
+    for _ in range(count):
+        user_id = user_ids[rng.randrange(users)]
+        data_type, sample = pool[rng.randrange(len(pool))]
+        out.append((user_id.encode(), encode({"user_id": user_id, "data_type": data_type, **sample, "value": -1})))
+    return out
+
+
 async def create_topics(bootstrap: str, names: list[str], partitions: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

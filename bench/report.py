@@ -57,6 +57,12 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
     if latency and "error" not in latency:
         for key in ("p50_seconds", "p99_seconds", "window_seconds", "measured_fraction"):
             out[f"latency.{key}"] = latency[key]
+    dead = results.get("dead_letters", {})
+    if dead and "error" not in dead:
+        for key in ("dead_letters_per_s", "cpu_s_per_million", "peak_rss_bytes", "log_lines"):
+            out[f"dead_letters.{key}"] = dead[key]
+        for key, value in dead_letters_vs_a(dead, results.get("contenders")).items():
+            out[f"ratio.dead_letters_over_a.{key}"] = value
     keys = results.get("keys", {})
     if keys and "error" not in keys:
         for key in ("bytes_per_buffered_sample", "bytes_per_key", "buffered_samples", "buffers"):
@@ -79,6 +85,28 @@ def latency_line(r: dict[str, Any]) -> str:
             f"{r['max_seconds'] * 1000:,.0f} ms (window {r['window_seconds']:g} s, {r['users']:,} users; "
             f"{r['measured_samples']:,} samples = {r['measured_fraction']:.1%} of {produced['produced']:,} "
             f"produced at {produced['rate']:,.0f}/s)")
+
+
+def dead_letters_vs_a(r: dict[str, Any], contenders: dict[str, Any] | None) -> dict[str, float]:
+    """The dead-letter run against (a) reading records (when (a) ran): dead letters/s over (a)'s steady
+    records/s, and CPU per dead letter over (a)'s steady CPU per record."""
+    a = (contenders or {}).get("a")
+    if not a or "error" in a or not a.get("steady_samples_per_s") or not a.get("steady_cpu_s_per_million"):
+        return {}
+    return {"per_s": r["dead_letters_per_s"] / a["steady_samples_per_s"],
+            "cpu_s_per_million": r["cpu_s_per_million"] / a["steady_cpu_s_per_million"]}
+
+
+def dead_letters_line(r: dict[str, Any], contenders: dict[str, Any] | None = None) -> str:
+    vs_a = dead_letters_vs_a(r, contenders)
+    against = (f"; vs (a) reading records: {vs_a['per_s']:.2f} x the rate, {vs_a['cpu_s_per_million']:.1f} x the CPU"
+               if vs_a else "")
+    events = ", ".join(f"{k} {v}" if v > 1 else k for k, v in r.get("log_events_incl_stop", {}).items())
+    return (f"{r['written']:,.0f} dead letters ({r['dlq_records']:,} in the DLQ) in {r['seconds']:.1f} s from the "
+            f"first record consumed: {r['dead_letters_per_s']:,.0f}/s ({r['dead_letters_per_s_incl_startup']:,.0f}/s "
+            f"incl. start-up), CPU {r['cpu_s_per_million']:.2f} s/M ({r['cpu_s_per_million_incl_startup']:.2f} "
+            f"incl. start-up), peak RSS {r['peak_rss_bytes'] / 2**20:,.0f} MiB, {r['log_lines']} log lines until "
+            f"written ({r['log_lines_incl_stop']} incl. stop: {events}){against}")
 
 
 def keys_line(r: dict[str, Any]) -> str:
@@ -144,6 +172,12 @@ def _extra_lines(results: dict[str, Any]) -> list[str]:
     if latency:
         out.append("latency (`stream run`, Kafka timestamp -> API acceptance): "
                    + (latency_line(latency) if "error" not in latency else "FAILED: " + latency["error"]))
+    dead = results.get("dead_letters")
+    if dead:
+        out.append(f"dead letters ({dead.get('dead_letters', 0):,} invalid events of "
+                   f"{dead.get('users', 0):,} users, one `invalid_value` dead letter each, `stream run`): "
+                   + (dead_letters_line(dead, results.get("contenders")) if "error" not in dead
+                      else "FAILED: " + dead["error"]))
     keys = results.get("keys")
     if keys:
         out.append(f"many keys ({keys.get('keys', 0):,} users of 1-2 samples, nothing sendable): "

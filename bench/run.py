@@ -19,9 +19,11 @@ Each contender is a subprocess, so its CPU time (user+sys from /proc/PID/stat) a
   peak RSS           VmHWM at the end of the contender's run
 
 Then: a latency run (events produced at a fixed rate while ``stream run`` runs with a 1 s window; from each
-record's Kafka timestamp to the moment the sandbox, in this process, accepts its sample), a many-keys run
-(RSS per buffered sample and per key with ``--keys`` users of 1-2 samples each, which can never be sent),
-and a micro-benchmark of the service's window bookkeeping (stream.batching.Batcher) for growing key counts.
+record's Kafka timestamp to the moment the sandbox, in this process, accepts its sample), a dead-letter run
+(``--dead-letters`` invalid events, one dead letter each: how fast ``stream run`` writes them to its
+dead-letter topic and what CPU that costs), a many-keys run (RSS per buffered sample and per key with
+``--keys`` users of 1-2 samples each, which can never be sent), and a micro-benchmark of the service's
+window bookkeeping (stream.batching.Batcher) for growing key counts.
 Results: a table on stdout, ``bench/results/latest.json`` and ``bench/results/latest.md``.
 """
 
@@ -51,10 +53,11 @@ from aiohttp import web
 
 from bench import data, microbench, proc, report, snapshot
 
-ALL = ("a", "b", "c", "d", "latency", "keys")
+ALL = ("a", "b", "c", "d", "latency", "deadletters", "keys")
 TOKEN = "bench-token"
 RESULTS = Path(__file__).resolve().parent / "results"
 POLL = 0.025  # seconds between progress polls of the sandbox
+DLQ_POLL = 0.05  # seconds between /metrics scrapes of the dead-letter run (each costs the service ~1 ms)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -606,6 +609,123 @@ async def run_latency(bench: Bench) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------- dead letters
+
+
+async def run_dead_letters(bench: Bench) -> dict[str, Any]:
+    """`--dead-letters` events that are valid but for their value (-1), produced before `stream run` starts:
+    each is one `invalid_value` dead letter and nothing reaches the API. `stream run` runs as its own
+    process (own group, DLQ and pending topics), followed through its /metrics: from the first scrape
+    showing a consumed record until stream_dead_letters_total reaches the count with stream_pending_writes
+    at 0 (every dead letter acknowledged by Kafka). CPU and peak RSS are the process's own, from /proc."""
+    args = bench.args
+    total = args.dead_letters
+    topic = f"bench-deadletters-{tag()}"
+    await data.create_topics(bench.bootstrap, [topic], args.partitions)
+    records = data.dead_letter_records(total, args.users, seed=args.seed + 9)
+    print(f"  producing {total:,} invalid events of {args.users:,} users ...", flush=True)
+    produce_seconds = await data.produce(bench.bootstrap, topic, records)
+    del records
+    port = free_port()
+    env = bench.stream_env(topic, f"bench-deadletters-{tag()}", bench.sandbox_url, port)
+    await bench.create_side_topics(env)
+    await bench.sandbox_reset()
+    other0 = bench.other_cpu()
+    service = await spawn("deadletters-stream", [sys.executable, "-m", "stream", "run"], bench.workdir, env=env)
+    first: tuple[float, float, float] | None = None  # first scrape showing a consumed record: (t, dead letters, CPU s)
+    zero: tuple[float, float] = (service.spawned, 0.0)  # last scrape with nothing consumed: (t, CPU s)
+    scrapes = 0
+    try:
+        async with asyncio.timeout(args.timeout):
+            while True:
+                text = None
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    text = await bench.metrics_text(port)
+                t, usage = now(), service.usage()
+                if text is not None:
+                    scrapes += 1
+                    if "stream_pending_writes" not in text:
+                        raise RuntimeError("stream run exposes no stream_pending_writes gauge: cannot tell when "
+                                           "its dead letters are written")
+                    consumed = prom_value(text, "stream_records_consumed_total")
+                    written = prom_value(text, "stream_dead_letters_total")
+                    pending = prom_value(text, "stream_pending_writes")
+                    if first is None:
+                        if consumed > 0:
+                            first = (t, written, usage.cpu_seconds)
+                        else:
+                            zero = (t, usage.cpu_seconds)
+                    if written >= total and pending == 0:
+                        break
+                if service.process.returncode is not None:
+                    raise RuntimeError(f"stream run exited with {service.process.returncode}:\n{service.log_tail()}")
+                await asyncio.sleep(DLQ_POLL)
+        other_end = bench.other_cpu()
+        log_lines_done, log_events_done = _log_lines(service.log_path), _log_events(service.log_path)
+        metrics = text
+        stats = await bench.sandbox_stats()
+    finally:
+        code = await service.stop()
+    assert first is not None and metrics is not None
+    first_t, first_written, cpu_first = first
+    measured_from = "first record consumed (the first /metrics scrape showing one)"
+    if written <= first_written or t <= first_t:  # tiny runs: the first scrape already saw everything
+        first_t, first_written, cpu_first = zero[0], 0.0, zero[1]
+        measured_from = "the last /metrics scrape before any record was consumed (tiny run)"
+    dlq_records = await data.end_offsets(bench.bootstrap, env["STREAM_DLQ_TOPIC"])
+    reasons = {}
+    for line in metrics.splitlines():
+        if line.startswith("stream_dead_letters_total{"):
+            reasons[line.split('reason="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    log_lines_end = _log_lines(service.log_path)
+    return {
+        "dead_letters": total,
+        "users": args.users,
+        "produce_seconds": produce_seconds,
+        "written": written,
+        "dlq_records": dlq_records,
+        "reasons": reasons,
+        "api_requests": stats.get("requests"),
+        "measured_from": measured_from,
+        "seconds": t - first_t,
+        "seconds_incl_startup": t - service.spawned,
+        "first_s": first_t - service.spawned,
+        "dead_letters_per_s": (written - first_written) / (t - first_t),
+        "dead_letters_per_s_incl_startup": written / (t - service.spawned),
+        "cpu_s_per_million": (usage.cpu_seconds - cpu_first) / (written - first_written) * 1e6,
+        "cpu_s_per_million_incl_startup": usage.cpu_seconds / written * 1e6,
+        "cpu_s": usage.cpu_seconds,
+        "peak_rss_bytes": usage.hwm_bytes,
+        "rss_end_bytes": usage.rss_bytes,
+        "other_cpu_s_per_million": {k: (v - other0.get(k, 0.0)) / written * 1e6 for k, v in other_end.items()},
+        "log_lines": log_lines_done,
+        "log_lines_incl_stop": log_lines_end,
+        "log_events": log_events_done,
+        "log_events_incl_stop": _log_events(service.log_path),
+        "scrapes": scrapes,
+        "exit_code": code,
+    }
+
+
+def _log_lines(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return len(path.read_text(errors="replace").splitlines())
+    return 0
+
+
+def _log_events(path: Path) -> dict[str, int]:
+    """How many JSON log lines of `stream run` carry each event (anything else counts as "other")."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            event = "other"
+            with contextlib.suppress(msgspec.DecodeError, AttributeError):
+                if line.startswith("{"):
+                    event = str(msgspec.json.decode(line).get("event"))
+            out[event] = out.get(event, 0) + 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- many keys
 
 
@@ -681,6 +801,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=20, help="length of the latency run (20)")
     p.add_argument("--latency-users", type=int, default=200,
                    help="users in the latency run (200: 400 keys, 50 samples per key per second at 20000/s)")
+    p.add_argument("--dead-letters", type=int, default=200_000,
+                   help="invalid events (one dead letter each) in the dead-letter run (200000)")
     p.add_argument("--keys", type=int, default=1_000_000, help="users of 1-2 samples in the many-keys run (1000000)")
     p.add_argument("--micro-sizes", default="10000,100000,1000000",
                    help="key counts of the Batcher micro-benchmark, capped at --keys (10000,100000,1000000)")
@@ -775,6 +897,15 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                 except Exception as exc:
                     results["latency"] = {"error": f"{type(exc).__name__}: {exc}"}
                     print(f"  latency FAILED: {results['latency']['error']}", flush=True)
+            if "deadletters" in args.only_set:
+                print(f"dead-letter run: {args.dead_letters:,} invalid events, one dead letter each ...", flush=True)
+                try:
+                    results["dead_letters"] = await run_dead_letters(bench)
+                    print("  " + report.dead_letters_line(results["dead_letters"], results.get("contenders")),
+                          flush=True)
+                except Exception as exc:
+                    results["dead_letters"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    print(f"  dead letters FAILED: {results['dead_letters']['error']}", flush=True)
             if "keys" in args.only_set:
                 print(f"many-keys run: {args.keys:,} users with 1-2 samples each ...", flush=True)
                 try:
@@ -822,6 +953,6 @@ def main(argv: list[str] | None = None) -> int:
     args.markdown.write_text(report.markdown(results))
     print(f"\nwrote {args.output} and {args.markdown}")
     failed = [k for k, v in results.get("contenders", {}).items() if "error" in v]
-    failed += [k for k in ("latency", "keys") if "error" in results.get(k, {})]
+    failed += [k for k in ("latency", "dead_letters", "keys") if "error" in results.get(k, {})]
     failed += ["batcher_micro"] if "batcher_micro_error" in results else []
     return 1 if failed else 0

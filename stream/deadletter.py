@@ -1,7 +1,13 @@
 """The Kafka producer side: dead letters (with reason and source headers) and parked small buffers.
 
 A write counts only once Kafka acknowledged it: `write` returns a future the pipeline acks offsets on.
-A failed write is retried here, with backoff, for as long as the service runs; nothing is dropped.
+Writes go through one bounded pipeline, whatever their number (an incident can make a hundred thousand
+dead letters at once): `write` only queues; one pump task hands queued records to the producer, keeping
+at most MAX_IN_FLIGHT records and MAX_IN_FLIGHT_BYTES in its hands, so they leave in the producer's
+batches; a failed record goes back to the front of the queue and the pump pauses with backoff (one pause
+for all that failed together, not a timer per record). Nothing is dropped; what is queued is counted
+(`pending`, `pending_bytes`) so that the pipeline pauses fetching while Kafka does not keep up. Ongoing
+trouble is logged at most once a minute per kind, with the count of what was left out.
 """
 
 from __future__ import annotations
@@ -9,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections import deque
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from stream.config import Settings
 from stream.kafka_options import kafka_client_options
+from stream.logs import RateLimited
 from stream.retry import Backoff
 
 log = logging.getLogger("stream.deadletter")
@@ -36,72 +45,167 @@ PARKED_BORN_HEADER = "stream.parked.born"  # when each parked sample was first s
 PARKED_GROUP_HEADER = "stream.parked.group"  # the consumer group that parked it: only that group reads it back
 STOP_TIMEOUT_SECONDS = 5.0
 DROP_VALUE_ABOVE = 256 * 1024  # bytes: a dead letter this large that Kafka refuses as too large loses its value
+# Handed to the producer and not yet acknowledged: enough to fill its batches for every partition many times
+# over, small enough that a broker that stops answering holds little (the rest waits, counted, in the queue).
+MAX_IN_FLIGHT = 5000
+MAX_IN_FLIGHT_BYTES = 16 * 1024 * 1024
+# Queued and unacknowledged writes beyond this many bytes pause fetching (with the samples' own bound).
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+LOG_EVERY = 60.0
+_OVERHEAD = 64  # bytes counted per write beyond its key, value and headers (the record's framing)
+
+
+class _Write:
+    __slots__ = ("done", "headers", "key", "size", "topic", "value")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes, headers: Headers, done: asyncio.Future) -> None:
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.done = done
+        self.size = len(value) + len(key or b"") + sum(len(k) + len(v) for k, v in headers) + _OVERHEAD
 
 
 class KafkaWriter:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock=time.monotonic) -> None:
         self._producer = AIOKafkaProducer(
             **kafka_client_options(settings),
             acks="all",  # a dead letter or a parked sample must survive a broker loss before we commit past it
             enable_idempotence=True,  # retries inside the client do not duplicate records
-            linger_ms=5,
+            # Dead letters come in bursts (an incident makes thousands at once) and nobody waits for them by the
+            # millisecond: let them gather into large batches (fewer requests, less CPU on both sides)...
+            linger_ms=20,
+            max_batch_size=256 * 1024,
+            # ...compressed: they are JSON with repetitive headers, and lz4 costs little CPU.
+            compression_type="lz4",
+            # A batch not acknowledged in this time fails its records, which the pump retries with backoff:
+            # bounded, so a broker that stopped answering is noticed and logged, never waited on silently.
+            request_timeout_ms=30_000,
         )
         self._backoff = Backoff(first=settings.retry_backoff_first_seconds, cap=settings.retry_backoff_max_seconds)
         self._rng = random.Random()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._queue: deque[_Write] = deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._failures = 0  # consecutive rounds of failed records, for the backoff
+        self._retry_at = 0.0
+        self.pending = 0  # writes queued or in flight, not yet acknowledged
+        self.pending_bytes = 0
+        self.retried = 0  # records handed to the producer again after a failure
+        self._logs: dict[str, RateLimited] = {}
 
     async def start(self) -> None:
         await self._producer.start()
+        self._ensure_pump()
 
     async def stop(self) -> None:
         """Bounded: with Kafka away, unacknowledged writes are abandoned (their offsets were never committed,
         so their records are read again after a restart)."""
+        if self._pump_task is not None:
+            self._pump_task.cancel()
         flushing = asyncio.ensure_future(self._producer.flush())
         done, _ = await asyncio.wait({flushing}, timeout=STOP_TIMEOUT_SECONDS * 0.6)
         if not done or flushing.cancelled() or flushing.exception() is not None:
             flushing.cancel()
-            log.warning("unacknowledged Kafka writes abandoned at stop", extra={"event": "write_abandoned",
-                                                                              "writes": len(self._tasks)})
-        for task in self._tasks:
-            task.cancel()
+        if self.pending:
+            log.warning("unacknowledged Kafka writes abandoned at stop; their records are read again after a "
+                        "restart", extra={"event": "write_abandoned", "writes": self.pending})
         stopping = asyncio.ensure_future(self._producer.stop())
         done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS * 0.4)
         if not done:
             stopping.cancel()
 
     def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> asyncio.Future[None]:
-        """Schedule a write; the future resolves once Kafka acknowledged it (after as many retries as needed)."""
+        """Queue a write; the future resolves once Kafka acknowledged it (after as many retries as needed)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._write(topic, key, value, headers, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        write = _Write(topic, key, value, headers, done)
+        self._queue.append(write)
+        self.pending += 1
+        self.pending_bytes += write.size
+        self._wake.set()
+        self._ensure_pump()
         return done
 
-    async def _write(self, topic: str, key: bytes | None, value: bytes, headers: Headers, done) -> None:
-        attempt = 0
-        while True:
-            try:
-                sent = await self._producer.send(topic, value=value, key=key, headers=headers)
-                await sent
-            except KafkaError as exc:
-                if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError) and len(value) >= DROP_VALUE_ABOVE:
-                    # Kafka will never take it as it is: keep the reason and the source headers (they point
-                    # at the original record), drop the value. Smaller records that failed only because they
-                    # shared a request with such a one are retried as they are.
-                    log.error("record too large for its topic: writing it without its value",
-                              extra={"event": "write_value_dropped", "topic": topic, "error": type(exc).__name__})
-                    headers = [*headers, ("stream.error.value_dropped", str(len(value)).encode())]
-                    value = b""
-                    continue
-                delay = self._backoff.delay(attempt, None, self._rng)
-                log.warning(
-                    "kafka write failed, retrying",
-                    extra={"event": "write_retry", "topic": topic, "error": type(exc).__name__, "delay": delay},
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
-                continue
-            if not done.done():
-                done.set_result(None)
-            return
+    # -- the pump -------------------------------------------------------------------------------------
 
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            wait = self._retry_at - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self._in_flight >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            write = queue.popleft()
+            try:
+                # Returns once the record is in the producer's batch (waits while that batch is full).
+                delivery = await self._producer.send(write.topic, value=write.value, key=write.key,
+                                                     headers=write.headers)
+            except KafkaError as exc:
+                self._failed(write, exc)
+                continue
+            self._in_flight += 1
+            self._in_flight_bytes += write.size
+            delivery.add_done_callback(lambda d, w=write: self._delivered(w, d))
+
+    def _delivered(self, write: _Write, delivery: asyncio.Future) -> None:
+        self._in_flight -= 1
+        self._in_flight_bytes -= write.size
+        self._room.set()
+        error = None if delivery.cancelled() else delivery.exception()
+        if delivery.cancelled() or error is not None:
+            self._failed(write, error if isinstance(error, KafkaError) else None)
+            return
+        self._failures = 0
+        self.pending -= 1
+        self.pending_bytes -= write.size
+        if not write.done.done():
+            write.done.set_result(None)
+
+    def _failed(self, write: _Write, error: KafkaError | None) -> None:
+        """Back to the front of the queue; the pump pauses once for everything that failed together."""
+        if isinstance(error, MessageSizeTooLargeError | RecordTooLargeError) and len(write.value) >= DROP_VALUE_ABOVE:
+            # Kafka will never take it as it is: keep the reason and the source headers (they point at the
+            # original record), drop the value. Smaller records that failed only because they shared a batch
+            # with such a one are retried as they are.
+            self._log("write_value_dropped", "record too large for its topic: writing it without its value",
+                      write.topic, error, logging.ERROR)
+            dropped = _Write(write.topic, write.key, b"",
+                             [*write.headers, ("stream.error.value_dropped", str(len(write.value)).encode())],
+                             write.done)
+            self.pending_bytes += dropped.size - write.size
+            self._queue.appendleft(dropped)
+            self._wake.set()
+            return
+        self.retried += 1
+        self._queue.appendleft(write)
+        now = self._clock()
+        if self._retry_at <= now:  # the first failure of a round sets the pause; the others share it
+            self._failures += 1
+            self._retry_at = now + self._backoff.delay(self._failures - 1, None, self._rng)
+        self._log("write_retry", "Kafka writes fail; retrying with backoff", write.topic, error, logging.WARNING)
+        self._wake.set()
+
+    def _log(self, event: str, message: str, topic: str, error: KafkaError | None, level: int) -> None:
+        kind = type(error).__name__ if error is not None else "cancelled"
+        limiter = self._logs.setdefault(f"{event}:{kind}", RateLimited(LOG_EVERY, self._clock))
+        if (suppressed := limiter.take()) is not None:
+            log.log(level, message, extra={"event": event, "topic": topic, "error": kind, "suppressed": suppressed,
+                                           "pending": self.pending, "retry_in": round(max(0.0, self._retry_at -
+                                                                                          self._clock()), 3)})

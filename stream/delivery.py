@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from stream.logs import RateLimited
 from stream.metrics import Metrics
 from stream.outcome import Accepted, AuthFailed, Partial, Rejected, Retry
 from stream.retry import Backoff
@@ -40,22 +41,6 @@ class Exhausted(NamedTuple):
 
 
 Final = Accepted | Partial | Rejected | Exhausted
-
-
-class _Every:
-    """At most one log line per `period` for an ongoing condition, counting what was not logged."""
-
-    def __init__(self, period: float) -> None:
-        self.period = period
-        self._last = float("-inf")
-        self.suppressed = 0
-
-    def due(self, now: float) -> bool:
-        if now - self._last >= self.period:
-            self._last = now
-            return True
-        self.suppressed += 1
-        return False
 
 
 class AcceptanceLog:
@@ -114,8 +99,8 @@ class Delivery:
         self.retrying: dict[int, float] = {}  # id of a failing batch -> when it first failed
         self.auth_failing = False
         self.acceptance = AcceptanceLog()
-        self._auth_log = _Every(LOG_EVERY)
-        self._retry_log = _Every(LOG_EVERY)
+        self._auth_log = RateLimited(LOG_EVERY, clock)
+        self._retry_log = RateLimited(LOG_EVERY, clock)
 
     @property
     def last_success(self) -> float:
@@ -182,11 +167,11 @@ class Delivery:
         throttle = self._gate.throttle
         throttle.pause(now, AUTH_PAUSE_SECONDS)
         throttle.limit = 1.0  # probe with one request at a time until the token works again
-        if self._auth_log.due(now):
+        if (suppressed := self._auth_log.take(now)) is not None:
             log.error(
                 "the API refuses the token; nothing is dead-lettered or committed, retrying every "
                 f"{AUTH_PAUSE_SECONDS:.0f} s",
-                extra={"event": "auth_failed", "status": outcome.status},
+                extra={"event": "auth_failed", "status": outcome.status, "suppressed": suppressed},
             )
         self._gate.notify()
 
@@ -196,12 +181,12 @@ class Delivery:
             self._gate.throttle.on_overload(now, outcome.retry_after)
             self._gate.notify()
         delay = self._backoff.delay(attempt, outcome.retry_after, self._rng)
-        if self._retry_log.due(now):
+        if (suppressed := self._retry_log.take(now)) is not None:
             log.warning(
                 "requests to the API fail; retrying with backoff",
                 extra={"event": "retrying", "reason": outcome.reason, "attempt": attempt + 1,
                        "delay": round(delay, 3), "batches_retrying": len(self.retrying),
-                       "concurrency": self._gate.throttle.concurrency},
+                       "concurrency": self._gate.throttle.concurrency, "suppressed": suppressed},
             )
         self.backing_off += 1
         task = asyncio.current_task()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -38,3 +39,24 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # The Kafka client is chatty at INFO about routine group coordination; its warnings still show.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+class RateLimited:
+    """At most one log line per `period` (on a monotonic clock) for one ongoing condition; the next line
+    that goes out reports how many were left out (`suppressed`), so a storm is visible without flooding."""
+
+    def __init__(self, period: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period = period
+        self._clock = clock
+        self._last = float("-inf")
+        self.suppressed = 0
+
+    def take(self, now: float | None = None) -> int | None:
+        """None when this line must be left out, else how many lines were left out since the last one."""
+        now = self._clock() if now is None else now
+        if now - self._last < self.period:
+            self.suppressed += 1
+            return None
+        self._last = now
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed

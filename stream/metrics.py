@@ -82,6 +82,13 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
         )
 
+        self.pending_writes = Gauge(
+            "stream_pending_writes",
+            "Dead letters and parked tails queued for Kafka or in flight, not yet acknowledged", registry=r,
+        )
+        self.pending_write_bytes = Gauge(
+            "stream_pending_write_bytes", "Bytes of those writes (above 64 MiB fetching pauses)", registry=r,
+        )
         self.partial_unknown = Counter(
             "stream_partial_unknown_total",
             "207 answers that did not say readably which samples were refused (the batch was dead-lettered)",

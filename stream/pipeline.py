@@ -20,7 +20,13 @@ from aiokafka.errors import KafkaError
 
 from stream.batching import Batch, Batcher, Entry, Small, Twins
 from stream.config import COMMIT_TIMEOUT_SECONDS, Settings
-from stream.deadletter import PARKED_BORN_HEADER, PARKED_GROUP_HEADER, KafkaWriter, dead_letter_headers
+from stream.deadletter import (
+    MAX_PENDING_BYTES,
+    PARKED_BORN_HEADER,
+    PARKED_GROUP_HEADER,
+    KafkaWriter,
+    dead_letter_headers,
+)
 from stream.delivery import Delivery, Exhausted, Final
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
@@ -97,6 +103,8 @@ class Pipeline:
         self._next_commit = 0.0
         self._assigned = False
         self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
+        self.metrics.pending_writes.set_function(lambda: getattr(self.writer, "pending", 0))
+        self.metrics.pending_write_bytes.set_function(lambda: getattr(self.writer, "pending_bytes", 0))
         self._stopping = asyncio.Event()
         self._closed = False  # set once the loop has ended: no new work may start
 
@@ -194,15 +202,17 @@ class Pipeline:
         """
         held = self.batcher.buffered_samples + self._in_flight_samples + self._writing_samples
         limit = self.settings.max_buffered_samples
-        if held >= limit and not self.source.paused:
+        waiting = getattr(self.writer, "pending_bytes", 0)  # bytes of dead letters and tails waiting for Kafka
+        if (held >= limit or waiting >= MAX_PENDING_BYTES) and not self.source.paused:
             # Send every buffer that can be sent now rather than at its window: while fetching is paused,
             # waiting for windows to close would only idle (the throughput would be limit / window).
             self.batcher.flush_keys(self.batcher.keys(), "pressure")
             self._dispatch()
             self.source.pause()
             self.metrics.paused.set(1)
-            log.warning("fetching paused: too many samples held", extra={"event": "backpressure_on", "held": held})
-        elif held < limit * RESUME_AT and self.source.paused:
+            log.warning("fetching paused: too many samples held", extra={"event": "backpressure_on", "held": held,
+                                                                         "pending_write_bytes": waiting})
+        elif held < limit * RESUME_AT and waiting < MAX_PENDING_BYTES * RESUME_AT and self.source.paused:
             self.source.resume()
             self.metrics.paused.set(0)
             log.info("fetching resumed", extra={"event": "backpressure_off", "held": held})

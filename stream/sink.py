@@ -15,32 +15,13 @@ from collections.abc import Callable
 import aiohttp
 
 from stream import __version__
+from stream.logs import RateLimited
 from stream.outcome import Outcome, Retry, classify
 
 log = logging.getLogger("stream.sink")
 
 REDIRECT_LOG_EVERY = 60.0  # seconds between two "api_redirect" lines
 LOCATION_EXCERPT = 300  # characters of a Location header kept in the log
-
-
-class _RateLimited:
-    """At most one log line per `period` (on a monotonic clock); the next line reports how many were left out."""
-
-    def __init__(self, period: float, clock: Callable[[], float]) -> None:
-        self.period = period
-        self._clock = clock
-        self._last = float("-inf")
-        self.suppressed = 0
-
-    def take(self) -> int | None:
-        """None when this line must be left out, else how many lines were left out since the last one."""
-        now = self._clock()
-        if now - self._last < self.period:
-            self.suppressed += 1
-            return None
-        self._last = now
-        suppressed, self.suppressed = self.suppressed, 0
-        return suppressed
 
 
 class SamplesSink:
@@ -61,7 +42,7 @@ class SamplesSink:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._redirect_log = _RateLimited(REDIRECT_LOG_EVERY, clock)
+        self._redirect_log = RateLimited(REDIRECT_LOG_EVERY, clock)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)

@@ -35,7 +35,8 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     out, md = tmp_path / "latest.json", tmp_path / "latest.md"
     cmd = [
         sys.executable, "-m", "bench", "--events", "20000", "--users", "200", "--keys", "20000",
-        "--latency-seconds", "3", "--latency-rate", "5000", "--only", ",".join([*contenders, "latency", "keys"]),
+        "--latency-seconds", "3", "--latency-rate", "5000", "--dead-letters", "5000",
+        "--only", ",".join([*contenders, "latency", "deadletters", "keys"]),
         "--output", str(out), "--markdown", str(md),
     ]  # fmt: skip
     if os.environ.get("STREAM_TEST_BOOTSTRAP"):
@@ -49,6 +50,9 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     expected = [f"{c}.{m}" for c in contenders for m in METRICS]
     expected += [f"ratio.d_over_{c}.{m}" for c in contenders if c != "d" for m in METRICS]
     expected += ["latency.p50_seconds", "latency.p99_seconds", "latency.window_seconds", "latency.measured_fraction"]
+    expected += ["dead_letters.dead_letters_per_s", "dead_letters.cpu_s_per_million", "dead_letters.peak_rss_bytes",
+                 "dead_letters.log_lines"]
+    expected += [f"ratio.dead_letters_over_a.{m}" for m in ("per_s", "cpu_s_per_million")]
     expected += ["keys.bytes_per_buffered_sample", "keys.bytes_per_key", "keys.buffered_samples", "keys.buffers"]
     expected += ["batcher.10000.us_per_record", "batcher.20000.us_per_record"]
     missing = sorted(set(expected) - set(figures))
@@ -63,7 +67,15 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     assert results["keys"]["buffers"] == results["keys"]["keys"]
     assert results["keys"]["requests_sent"] == 0
     assert results["latency"]["p50_seconds"] <= results["latency"]["p99_seconds"]
+    # Every invalid event became one acknowledged dead letter of its reason, none reached the API, and the
+    # service said little about it (no line per dead letter).
+    dead = results["dead_letters"]
+    assert dead["written"] == dead["dlq_records"] == dead["dead_letters"] == 5000
+    assert dead["reasons"] == {"invalid_value": 5000}
+    assert dead["api_requests"] == 0
+    assert dead["log_lines"] <= 10, dead["log_events"]
     assert results["machine"]["nproc"] and results["machine"]["python"] and results["machine"]["kafka"]
 
     text = md.read_text()
     assert "(d) / (a)" in text and "stream run" in text
+    assert "dead letters (5,000 invalid events" in text and "5,000 dead letters (5,000 in the DLQ)" in text

@@ -143,10 +143,11 @@ async def test_the_default_pending_topic_belongs_to_the_group(kafka, topics, san
     assert settings.pending_topic == f"{topics.group}-pending"
 
 
-async def test_dead_letters_that_cannot_be_written_pause_fetching_and_hold_commits(kafka, topics, sandbox):
-    """The DLQ refuses every write (its records are too large for it) while invalid input keeps coming:
-    fetching pauses once the pending writes reach STREAM_MAX_BUFFERED_SAMPLES, nothing is committed past an
-    unwritten dead letter, and once the topic takes them every dead letter is written and committed."""
+async def test_dead_letters_that_cannot_be_written_pause_fetching_and_hold_commits(kafka, topics, sandbox, caplog):
+    """The DLQ refuses every write (its records are too large for it) for a while, as input keeps coming:
+    fetching pauses once the pending writes reach STREAM_MAX_BUFFERED_SAMPLES and stays paused (what is held
+    stays flat), nothing is committed past an unwritten dead letter, the trouble is logged a few times (not
+    once per record or retry), and once the topic takes them every dead letter is written once and committed."""
     dlq = topics.dlq + "-tiny"
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
     await admin.start()
@@ -162,7 +163,17 @@ async def test_dead_letters_that_cannot_be_written_pause_fetching_and_hold_commi
                              what="fetching to pause")
             consumed = counter(pipeline, "stream_records_consumed_total", topic=topics.samples)
             assert consumed < 1000 + 2 * 200, f"{consumed} records read while nothing could be written"
-            assert (await committed_offsets(kafka, topics.group, topics.samples)).get(0, 0) == 0
+            # The outage goes on (a scenario's length, not a synchronisation): input keeps arriving, and
+            # nothing more is read, held or committed meanwhile.
+            more = [msgspec.json.encode({"user_id": f"v-{i}", "data_type": "steps", **sample}) for i in range(1000)]
+            await produce_to(kafka, topics.samples, 1, more)
+            for _ in range(20):
+                await asyncio.sleep(0.5)
+                assert counter(pipeline, "stream_records_consumed_total", topic=topics.samples) == consumed
+                assert pipeline.writer.pending <= consumed
+            assert set((await committed_offsets(kafka, topics.group, topics.samples)).values()) <= {0}
+            retries = pipeline.writer.retried
+            assert retries > 0
             await admin.alter_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, dlq, configs={"max.message.bytes": "1048588"})]
             )
@@ -170,9 +181,11 @@ async def test_dead_letters_that_cannot_be_written_pause_fetching_and_hold_commi
                              what="every dead letter written and committed")
     finally:
         await admin.close()
-    dead = await read_topic(kafka, dlq, expected=3000, timeout=30)
-    assert len(dead) == 3000
+    dead = await read_topic(kafka, dlq, expected=4000, timeout=30)
+    assert len(dead) == 4000, "a dead letter lost or written twice"
     assert {d.reason for d in dead} == {"invalid_value"}
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "write_retry"]
+    assert 1 <= len(logged) <= 3, f"{len(logged)} write_retry lines for {retries} retries"
 
 
 async def test_a_redirecting_api_gets_nothing_committed_until_it_really_accepts(kafka, topics, sandbox):

@@ -197,7 +197,7 @@ def test_the_group_timeouts_are_explicit_and_fit_the_revoke():
 
 
 def test_a_revoke_that_would_outlast_the_rebalance_timeout_is_refused_at_start():
-    with pytest.raises(ConfigError, match="STREAM_REVOKE_TIMEOUT_SECONDS.*STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS"):
+    with pytest.raises(ConfigError, match=r"STREAM_REVOKE_TIMEOUT_SECONDS.*STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS"):
         load({"STREAM_REVOKE_TIMEOUT_SECONDS": "50", "STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS": "60"})
     assert load({"STREAM_REVOKE_TIMEOUT_SECONDS": "45", "STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS": "60"})
 
