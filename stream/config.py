@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     retry_backoff_first_seconds: Seconds = 0.5
     retry_backoff_max_seconds: Seconds = 30.0
     retry_max_seconds: Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400)] = 900.0
+    refusal_storm_guard: bool = True
+    refusal_storm_window_seconds: Seconds = 60.0
+    refusal_storm_min_batches: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    refusal_storm_share: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
     metrics_port: Port = 9090
     log_level: str = "INFO"
 
@@ -194,6 +198,14 @@ HELP: dict[str, str] = {
     "max_buffered_samples": "samples held in memory (buffered and in flight) before fetching pauses",
     "retry_max_seconds": "a batch failing this long while other batches succeed is dead-lettered as "
     "retry_exhausted (0: retry forever)",
+    "refusal_storm_guard": "on (true) or off (false): when the API suddenly refuses most samples, hold and "
+    "probe instead of dead-lettering them (off for an API known to refuse a lot)",
+    "refusal_storm_window_seconds": "how long the refusal-storm guard keeps the API's answers as evidence; a "
+    "refusal without enough traffic after it to judge within this long is dead-lettered",
+    "refusal_storm_min_batches": "batches answered after a refusal that the guard needs before it judges it "
+    "(an API incident, or one bad batch)",
+    "refusal_storm_share": "share of those batches' samples the API must refuse (more than this) for an API "
+    "incident (a refusal storm), 0..1 exclusive",
     "commit_interval_seconds": "how often done offsets are committed to Kafka",
     "drain_timeout_seconds": "on SIGTERM, how long to wait for in-flight requests before exiting",
     "revoke_timeout_seconds": "on a rebalance, how long to wait for the revoked partitions' requests on the wire",
@@ -215,7 +227,16 @@ def flag_name(field: str) -> str:
 def _parse_field(field: str, value: str) -> object:
     if field == "kafka_topics":
         return tuple(t.strip() for t in value.split(",") if t.strip())
+    if field in _SWITCHES:
+        word = value.strip().lower()
+        if word not in _SWITCH_WORDS:
+            raise ConfigError(f"{env_name(field)}: on or off (also true/false, yes/no, 1/0), got {value!r}")
+        return _SWITCH_WORDS[word]
     return value if field in _VERBATIM else value.strip()
+
+
+_SWITCHES = {"refusal_storm_guard"}
+_SWITCH_WORDS = {**dict.fromkeys(("on", "true", "yes", "1"), True), **dict.fromkeys(("off", "false", "no", "0"), False)}
 
 
 _VERBATIM = {"api_token", "kafka_sasl_password"}  # kept exactly as given

@@ -94,6 +94,7 @@ class KafkaWriter:
         self._in_flight_bytes = 0
         self._failures = 0  # consecutive rounds of failed records, for the backoff
         self._retry_at = 0.0
+        self._pausing = False  # a round of failures is open: more failures join it until the pump resumes
         self.pending = 0  # writes queued or in flight, not yet acknowledged
         self.pending_bytes = 0
         self.retried = 0  # records handed to the producer again after a failure
@@ -148,6 +149,7 @@ class KafkaWriter:
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
+            self._pausing = False
             if self._in_flight >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES:
                 self._room.clear()
                 await self._room.wait()
@@ -196,7 +198,8 @@ class KafkaWriter:
         self.retried += 1
         self._queue.appendleft(write)
         now = self._clock()
-        if self._retry_at <= now:  # the first failure of a round sets the pause; the others share it
+        if not self._pausing:  # the first failure of a round sets the pause; the others share it
+            self._pausing = True
             self._failures += 1
             self._retry_at = now + self._backoff.delay(self._failures - 1, None, self._rng)
         self._log("write_retry", "Kafka writes fail; retrying with backoff", write.topic, error, logging.WARNING)

@@ -69,6 +69,18 @@ class Metrics:
                                   registry=r)
         self.auth_failure = Gauge("stream_api_auth_failure", "1 while the API refuses the token (401/403)",
                                   registry=r)
+        self.refusal_storm = Gauge(
+            "stream_api_refusal_storm",
+            "1 while the API refuses most samples (a refusal storm): refused batches are held, not dead-lettered, "
+            "and one probe at a time is sent",
+            registry=r,
+        )
+        self.refused_share = Gauge(
+            "stream_api_refused_share",
+            "Share of samples the API refused among those it answered in the refusal-storm guard's window "
+            "(each batch counted once)",
+            registry=r,
+        )
         self.retrying_batches = Gauge("stream_retrying_batches", "Batches that failed and are being retried",
                                       registry=r)
         self.oldest_retry = Gauge("stream_oldest_retry_seconds", "How long the oldest retrying batch has been failing",

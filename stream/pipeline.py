@@ -31,6 +31,7 @@ from stream.delivery import Delivery, Exhausted, Final
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 from stream.outcome import Partial, Rejected
+from stream.refusals import RefusalGuard
 from stream.retry import Backoff
 from stream.schema import Rejection, as_single_event, batch_body, decode_record
 from stream.sink import SamplesSink
@@ -93,12 +94,21 @@ class Pipeline:
             clock,
             random.Random(),
             sleep,
+            RefusalGuard(
+                settings.refusal_storm_window_seconds,
+                settings.refusal_storm_min_batches,
+                settings.refusal_storm_share,
+                enabled=settings.refusal_storm_guard,
+            ),
         )
         self._deliveries: dict[asyncio.Task[None], Batch] = {}
         self._in_flight_samples = 0
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
         self._writing_samples = 0  # samples (and records) behind those writes: they count as held memory
         self._fetch: asyncio.Task | None = None
+        # Bumped at every revoke and assignment: a fetch's records belong to the assignment under which the
+        # fetch returned, and are dropped if it changed before they were read (see _fetched).
+        self._generation = 0
         self._draining = False
         self._next_commit = 0.0
         self._assigned = False
@@ -117,6 +127,9 @@ class Pipeline:
             return False, "cannot reach the Kafka group coordinator"
         if self.delivery.auth_failing:
             return False, "the API refuses the token (401/403)"
+        if self.delivery.storm:
+            return False, ("refusal storm: the API refuses most samples; refused batches are held (not "
+                           "dead-lettered), one probe at a time")
         return True, "ready"
 
     def stop(self) -> None:
@@ -175,7 +188,7 @@ class Pipeline:
         rebalances aiokafka's getmany waits without limit, and timers, commits and a SIGTERM must not.
         """
         if self._fetch is None:
-            self._fetch = asyncio.ensure_future(self.source.fetch(FETCH_TIMEOUT))
+            self._fetch = asyncio.ensure_future(self._fetched())
         fetch = self._fetch
         if not fetch.done():
             await asyncio.wait((fetch, stop), timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
@@ -183,7 +196,7 @@ class Pipeline:
                 return {}
         self._fetch = None
         try:
-            return fetch.result()
+            generation, fetched = fetch.result()
         except KafkaError as exc:
             # A fetch error (a corrupt batch, an authorisation problem) must not end the service: log it,
             # keep delivering what is held, and try again shortly.
@@ -193,6 +206,17 @@ class Pipeline:
             await asyncio.wait((sleep, stop), return_when=asyncio.FIRST_COMPLETED)
             sleep.cancel()
             return {}
+        if generation != self._generation:
+            # Fetched under an assignment that has changed since (a rebalance ran while these records waited,
+            # e.g. behind a slow commit). Handed to the new assignment's offsets they would let a commit pass
+            # the records before them that the revoke dropped; the new assignment read from the committed
+            # offset again anyway, so they come back.
+            return {}
+        return fetched
+
+    async def _fetched(self) -> tuple[int, dict]:
+        fetched = await self.source.fetch(FETCH_TIMEOUT)
+        return self._generation, fetched  # read in the same step as the fetch returned: no rebalance between
 
     def _apply_backpressure(self) -> None:
         """Pause fetching while too many samples are held; polling goes on, so the group keeps us.
@@ -290,7 +314,7 @@ class Pipeline:
         body = batch_body(user_id, data_type, [e.body for e in batch.entries])
         self.metrics.flushes.labels(batch.reason).inc()
         self.metrics.batch_size.observe(len(batch.entries))
-        self._settle(batch, await self.delivery.send(body, data_type))
+        self._settle(batch, await self.delivery.send(body, data_type, len(batch.entries)))
 
     def _settle(self, batch: Batch, outcome: Final) -> None:
         """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written.
@@ -298,10 +322,13 @@ class Pipeline:
         No silent path: a sample is acknowledged only as accepted (200, or absent from a 207's readable list
         of refusals) or once its dead letter is written; a 207 that does not say readably which samples it
         refused dead-letters the whole batch (`api_partial_unknown`), since some of it was not accepted.
+        During a refusal storm a 207's refused samples are held instead: they go back into their buffer,
+        unacknowledged, and leave again with the key's later samples (or are parked).
         """
         user_id, data_type = batch.key
         entries = batch.entries
         refused: dict[int, str] = {}
+        held: list[int] = []
         reason = "api_rejected"
         if isinstance(outcome, Rejected):
             refused = dict.fromkeys(range(len(entries)), f"the API refused the batch: {outcome.detail}")
@@ -324,18 +351,26 @@ class Pipeline:
                 self.metrics.partial_unknown.inc()
                 log.error("207 without a readable list of refused samples: the whole batch is dead-lettered",
                           extra={"event": "partial_unknown", "data_type": data_type, "samples": len(entries)})
+            elif self.delivery.storm:
+                held = sorted(listed)  # an API incident, not bad data: they go out again later
             else:
                 refused = {i: f"the API refused it: {r}" for i, r in listed.items()}
+        if held:
+            self._hold(batch, held)
         wall = self._wall()
-        accepted = [e for i, e in enumerate(entries) if i not in refused] if refused else entries
+        not_accepted = refused.keys() | held if held else refused
+        accepted = [e for i, e in enumerate(entries) if i not in not_accepted] if not_accepted else entries
         for entry in accepted:
             entry.source.ack(entry.offset)
         observe_many(self.metrics.e2e_latency, [wall - e.timestamp for e in accepted])
-        self.metrics.samples.labels("accepted", data_type).inc(len(entries) - len(refused))
-        # A copy shares its original's fate: acknowledged with it, or once its original's dead letter is written.
+        self.metrics.samples.labels("accepted", data_type).inc(len(accepted))
+        # A copy shares its original's fate: acknowledged with it, or once its original's dead letter is written
+        # (a held sample's copies went back into the buffer with it).
         copies: dict[int, list[tuple[PartitionOffsets, int]]] = {}
         for original, copy in batch.twins:
             copies.setdefault(id(original), []).append((copy.source, copy.offset))
+        for index in held:
+            copies.pop(id(entries[index]), None)
         for index, message in refused.items():
             entry = entries[index]
             if reason == "api_rejected":
@@ -346,6 +381,18 @@ class Pipeline:
         for parts in copies.values():
             for state, offset in parts:
                 state.ack(offset)
+
+    def _hold(self, batch: Batch, indices: list[int]) -> None:
+        """Put a 207's refused samples (and their copies) back into their buffer during a refusal storm: not
+        acknowledged, not dead-lettered; they leave again with the key's later samples, or are parked. Samples of
+        a partition revoked meanwhile are dropped (its new owner reads them again from the committed offset)."""
+        entries = [batch.entries[i] for i in indices]
+        ids = {id(e) for e in entries}
+        entries += [copy for original, copy in batch.twins if id(original) in ids]
+        entries = [e for e in entries if self.tracker.get(e.source.tp) is e.source]
+        if entries:
+            self.batcher.add(batch.key, entries, self._clock())
+        self.metrics.retries.labels("refused").inc()
 
     def _park(self, small: Small) -> None:
         """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
@@ -420,6 +467,7 @@ class Pipeline:
             self.metrics.commits.labels("failed").inc()
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._generation += 1
         for tp in assigned:
             self.tracker.assign(tp)
         if self.source.paused:
@@ -436,6 +484,7 @@ class Pipeline:
         """
         if not revoked:  # the client also calls this, with nothing, before its first join
             return
+        self._generation += 1
         self.metrics.rebalances.labels("revoked").inc()
         states = {s for tp in revoked if (s := self.tracker.get(tp)) is not None}
         if states:

@@ -4,8 +4,9 @@
 concurrency limit in the manner of TCP and Vector's adaptive request concurrency: each accepted request
 raises the limit by 1/limit (about +1 per round of requests), each sign of overload (429, 503, a
 timeout) halves it, at most once per `cooldown` so one burst of failures counts once. A 429 or 503 with
-Retry-After also pauses everyone until then: no request leaves before the server asked. A token bucket
-caps requests per second when a ceiling is set.
+Retry-After also pauses everyone until then: no request leaves before the server asked. A refused token or
+a refusal storm pauses everyone and then probes with one request at a time (`probe`). A token bucket caps
+requests per second when a ceiling is set.
 
 `Gate` is the asyncio side: requests wait in it until the Throttle lets them go.
 """
@@ -48,6 +49,13 @@ class Throttle:
 
     def pause(self, now: float, seconds: float) -> None:
         self.paused_until = max(self.paused_until, now + seconds)
+
+    def probe(self, now: float, seconds: float) -> None:
+        """The API refuses everything for a reason of its own (a refused token, a refusal storm): pause
+        everyone for `seconds`, then let one request at a time through. The limit climbs back from 1, by
+        about one per round of accepted requests, once the API accepts again."""
+        self.pause(now, seconds)
+        self.limit = 1.0
 
     def wait_time(self, now: float, active: int) -> float | None:
         """Seconds until a request may start (0: now), or None while the concurrency limit is reached."""

@@ -93,6 +93,15 @@ def test_rules_cover_the_operations_issue():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
 
 
+def test_rules_page_on_a_refusal_storm():
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    alerts = {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+    storm = alerts["StreamApiRefusalStorm"]
+    assert "stream_api_refusal_storm" in storm["expr"]
+    assert storm["labels"]["severity"] == "critical"  # it pages
+    assert "STREAM_REFUSAL_STORM_GUARD" in storm["annotations"]["description"]
+
+
 # --- dashboard -----------------------------------------------------------------------------------------
 
 def test_deploy_dashboard_is_the_charts_dashboard():
@@ -140,6 +149,26 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "histogram_quantile(0.99, sum by (le) (rate(stream_end_to_end_latency_seconds_bucket",
     ):
         assert needed in exprs, needed
+
+
+def test_dashboard_shows_the_refusal_storm():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = {p["title"]: p for p in dashboard["panels"]}
+    exprs = "\n".join(t["expr"] for t in panels["Refusal storm and refused share"]["targets"])
+    assert "stream_api_refusal_storm" in exprs
+    assert "stream_api_refused_share" in exprs
+
+
+def test_dashboard_panels_do_not_overlap():
+    taken: set[tuple[int, int]] = set()
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        g = panel["gridPos"]
+        cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & taken, panel["title"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        taken |= cells
+    ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 def test_dashboard_uses_only_metrics_the_service_exposes():

@@ -1,0 +1,828 @@
+"""Property: whatever the API answers, whenever the group rebalances and however the service stops, every sample
+taken from Kafka ends accepted by the API, or in the DLQ with a reason, or still uncommitted (issue #8).
+
+The REAL `stream.pipeline.Pipeline` runs (its loop, batcher, delivery, settle, park, expire, dead-letter, revoke
+and commit logic) against the fakes of `tests/unit/fakes.py`, on an event loop with virtual time. Hypothesis
+draws the input (users, single-sample events and bundles, producer re-sends, invalid records, offset gaps,
+2-3 partitions), the API's answers (200, 207 with readable, odd or unreadable lists, 3xx, 400/413/422,
+401/403, 404/408/425/429/5xx with Retry-After, timeouts the API may have processed, connection errors, a
+poison user next to steady traffic), the settings (small windows, holds, ages, retry limits, the refusal-storm
+guard), Kafka's behaviour (dead-letter and parking writes landing and acknowledged late, or lost in a crash;
+commits refused or slow; fetch errors; a position rewound within an assignment; fetches slower than the loop's
+tick) and a script of members starting, rebalancing, draining and crashing, up to two at a time (restarts are
+new Pipelines on the same fake Kafka: committed offsets and the pending topic survive). Then a last member runs
+against a healed API and drains.
+
+Checked at every commit that Kafka takes, and at the end:
+- safety: for every record below its partition's committed offset (input and pending topics), each of its
+  valid samples was accepted by the API, or is in a dead letter, or sits in a pending record not yet
+  committed; each invalid record (and invalid bundle element) has its dead letter, pointing at it;
+- no request carries two copies of a sample, nor fewer than 3 or more than the maximum, nor a sample out of
+  chronological order, nor an unknown field; nothing is sent, parked or accepted that was not in the input
+  (another group's parked record is never sent);
+- dead letters carry a known reason and point at a record that holds their sample; `api_rejected` only for
+  samples the API refused, `api_partial_unknown` only for samples of a batch answered 207;
+- nothing goes wrong inside the pipeline (an exception in a callback, a delivery, a graceful stop that does
+  not end, a commit of a partition the member does not hold);
+- liveness: once the API is healthy and the last member drained, every input partition is committed to its end.
+
+A case the property found, where the pipeline lost a sample (a stale fetch ingested after a rebalance), is kept
+below as a regression test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stream import config
+from stream.deadletter import PARKED_BORN_HEADER, PARKED_GROUP_HEADER
+from stream.offsets import TopicPartition
+from stream.pipeline import Pipeline
+from stream.schema import REASONS
+from tests.unit.fakes import (
+    NOISE_KINDS,
+    UNREADABLE_207,
+    CommitFault,
+    Cycle,
+    FakeApi,
+    FakeKafka,
+    FakeRecord,
+    FakeSink,
+    FakeSource,
+    FakeWriter,
+    Norm,
+    Reply,
+    VirtualTimeLoop,
+    WriteDelay,
+    norm,
+)
+
+TOPIC = "samples"
+GROUP = "g"
+DLQ = "samples.dlq"
+PENDING = f"{GROUP}-pending"
+WALL0 = 1_700_000_000.0  # wall time when the virtual clock reads 0
+START = 1000.0  # the virtual clock at the start of an example
+SAMPLE_REASONS = {"api_rejected", "retry_exhausted", "api_partial_unknown", "below_min_batch"}
+MAX_PROBLEMS = 12
+HEALED_EXTRA_SECONDS = 120  # at most, beyond the time a healed run needs (liveness: then it must have finished)
+
+# -- input ------------------------------------------------------------------------------------------------
+
+USERS = ("u1", "u2", "u3")
+BASE = datetime(2023, 11, 1, 4, 0, tzinfo=UTC)
+ZONES = ((timedelta(hours=4), "+04:00"), (timedelta(0), "Z"), (timedelta(hours=-5, minutes=-30), "-05:30"))
+VALUES = {  # (unit, value) pairs, all valid
+    "steps": (("count", 14), ("count", 30000), ("count", 2.5), ("count/s", 50000)),
+    "bpm": (("count/min", 61), ("count/min", 300), ("count/min", 61.5), ("count/s", 1.25)),
+}
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    minute: int  # start = BASE + minute: few minutes, so equal starts (and exact copies) are common
+    value: int
+    zone: int
+    device: int
+    version: bool
+    end: bool
+    extra: bool  # an unknown field, which must not be forwarded
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    kind: str  # single | bundle | invalid | dup
+    user: int = 0
+    data_type: str = "steps"
+    samples: tuple[SampleSpec, ...] = ()
+    bad: tuple[tuple[int, int], ...] = ()  # bundle: (position, kind) of invalid elements
+    invalid: int = 0  # invalid: which kind of bad record
+    copy_of: int = 0  # dup: an earlier event, re-sent byte for byte
+    partition: int = 0
+    delay: float = 0.0  # seconds after the previous event
+    gap: int = 0  # offsets skipped before this record
+
+
+@dataclass
+class RecordMeta:
+    """What the test knows about an input record."""
+
+    valid: list[Norm] = field(default_factory=list)
+    invalid: bool = False  # the whole record is refused (dead-lettered as it is)
+    markers: list[str] = field(default_factory=list)  # device names of its invalid bundle elements
+
+
+def render(moment: datetime, zone: int, millis: bool) -> str:
+    delta, suffix = ZONES[zone]
+    return (moment + delta).strftime("%Y-%m-%dT%H:%M:%S") + (".000" if millis else "") + suffix
+
+
+def sample_dict(spec: SampleSpec, data_type: str) -> dict[str, Any]:
+    unit, value = VALUES[data_type][spec.value]
+    start = BASE + timedelta(minutes=spec.minute)
+    sample: dict[str, Any] = {
+        "device_name": ("Apple Watch", "iPhone")[spec.device],
+        "start_date": render(start, spec.zone, spec.zone == 0),
+        "unit": unit,
+        "value": value,
+    }
+    if spec.end:
+        sample["end_date"] = render(start + timedelta(seconds=7), spec.zone, False)
+    if spec.version:
+        sample["device_version"] = "17.0.3"
+    if spec.extra:
+        sample["note"] = "unknown fields are ignored"
+    return sample
+
+
+def bad_element(kind: int, marker: str) -> dict[str, Any]:
+    element: dict[str, Any] = {"device_name": marker, "start_date": "2023-11-01T08:00:00+04:00", "unit": "count",
+                               "value": 5}
+    if kind == 0:
+        element["value"] = -1
+    elif kind == 1:
+        element["start_date"] = "2023-11-01T08:00:00"  # no UTC offset
+    elif kind == 2:
+        del element["unit"]
+    else:
+        element["value"] = 40000  # above the maximum for `count`
+    return element
+
+
+def bad_record(kind: int) -> bytes | None:
+    good = {"user_id": "u1", "data_type": "steps", "device_name": "d", "start_date": "2023-11-01T08:00:00Z",
+            "unit": "count", "value": 5}
+    return [
+        b"not json {",
+        b"[1, 2, 3]",
+        json.dumps({k: v for k, v in good.items() if k != "unit"}).encode(),
+        None,  # a tombstone
+        json.dumps({**good, "data_type": "sleep"}).encode(),
+        json.dumps({**good, "value": 40000}).encode(),
+        json.dumps({"user_id": "u2", "data_type": "bpm", "data": []}).encode(),
+        json.dumps({**good, "start_date": "2023-11-01T08:00:00"}).encode(),
+        json.dumps({**good, "end_date": "2023-11-01T07:00:00Z"}).encode(),
+        json.dumps({**good, "user_id": ""}).encode(),
+    ][kind % 10]
+
+
+def build_records(events: list[EventSpec]) -> list[tuple[EventSpec, bytes | None, RecordMeta]]:
+    """Each event as record bytes plus what the test knows of it."""
+    out: list[tuple[EventSpec, bytes | None, RecordMeta]] = []
+    markers = 0
+    for event in events:
+        if event.kind == "dup" and out:
+            _, value, meta = out[event.copy_of % len(out)]
+            out.append((event, value, RecordMeta(list(meta.valid), meta.invalid, list(meta.markers))))
+            continue
+        if event.kind in ("invalid", "dup"):  # a re-send of nothing: a bad record instead
+            out.append((event, bad_record(event.invalid), RecordMeta(invalid=True)))
+            continue
+        user = USERS[event.user]
+        samples = [sample_dict(s, event.data_type) for s in event.samples]
+        meta = RecordMeta(valid=[norm(user, event.data_type, s) for s in samples])
+        if event.kind == "bundle":
+            data: list[Any] = list(samples)
+            for position, kind in event.bad:
+                markers += 1
+                marker = f"bad-{markers}"
+                meta.markers.append(marker)
+                data.insert(position % (len(data) + 1), bad_element(kind, marker))
+            value = json.dumps({"user_id": user, "data_type": event.data_type, "data": data}).encode()
+        else:
+            value = json.dumps({"user_id": user, "data_type": event.data_type, **samples[0]}).encode()
+        out.append((event, value, meta))
+    return out
+
+
+# -- strategies -------------------------------------------------------------------------------------------
+
+sample_specs = st.builds(
+    SampleSpec,
+    minute=st.integers(0, 5),
+    value=st.integers(0, 3),
+    zone=st.integers(0, 2),
+    device=st.integers(0, 1),
+    version=st.booleans(),
+    end=st.booleans(),
+    extra=st.booleans(),
+)
+delays = st.sampled_from((0.0, 0.0, 0.05, 0.3, 1.0, 2.5))
+
+
+@st.composite
+def event_specs(draw, partitions: int, users: int) -> EventSpec:
+    kind = draw(st.sampled_from(("single", "single", "single", "bundle", "bundle", "invalid", "dup")))
+    common = {
+        "partition": draw(st.integers(0, partitions - 1)),
+        "delay": draw(delays),
+        "gap": draw(st.sampled_from((0, 0, 0, 1, 3))),
+    }
+    if kind == "invalid":
+        return EventSpec("invalid", invalid=draw(st.integers(0, 9)), **common)
+    if kind == "dup":
+        return EventSpec("dup", copy_of=draw(st.integers(0, 30)), **common)
+    user = draw(st.integers(0, users - 1))
+    data_type = draw(st.sampled_from(("steps", "bpm")))
+    if kind == "single":
+        return EventSpec("single", user, data_type, (draw(sample_specs),), **common)
+    samples = tuple(draw(st.lists(sample_specs, min_size=1, max_size=5)))
+    bad = tuple(draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), max_size=2)))
+    return EventSpec("bundle", user, data_type, samples, bad, **common)
+
+
+STATUSES = (200, 207, 200, 207, 500, 429, None, 400, 200, 207, 503, 201, 413, 422, 401, 403, 301, 307, 404, 408,
+            425, 502, 504, None)
+replies = st.builds(
+    Reply,
+    status=st.sampled_from(STATUSES),
+    latency=st.sampled_from((0.0, 0.01, 0.2, 1.0, 3.0)),
+    retry_after=st.sampled_from((None, None, "0", "1", "3", "date+2", "soon")),
+    refused=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    readable=st.booleans(),
+    forms=st.lists(st.integers(0, 2), min_size=1, max_size=3).map(tuple),
+    noise=st.lists(st.integers(0, NOISE_KINDS - 1), max_size=2).map(tuple),
+    unreadable=st.integers(0, UNREADABLE_207 - 1),
+    processed=st.booleans(),
+    error=st.sampled_from(("timeout", "timeout", "ClientConnectorError", "ServerDisconnectedError")),
+)
+write_delays = st.sampled_from((
+    WriteDelay(), WriteDelay(), WriteDelay(0.05, 0.0), WriteDelay(0.0, 0.5), WriteDelay(0.5, 0.5),
+    WriteDelay(2.0, 0.0), WriteDelay(0.0, 3.0), WriteDelay(6.0, 0.0),
+))
+commit_faults = st.sampled_from((CommitFault(), CommitFault(), CommitFault(fail=True), CommitFault(delay=0.3),
+                                 CommitFault(delay=1.5)))
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # rebalance | start | stop | crash | restart | rewind
+    delay: float  # seconds after the previous action
+    plan: tuple[int, ...] = ()  # rebalance: owner of each partition
+    graceful: bool = True  # restart: drain the old members (else crash them)
+    land: bool = False  # crash: writes on the wire land anyway
+
+
+actions = st.builds(
+    Action,
+    kind=st.sampled_from(("rebalance", "rebalance", "start", "stop", "crash", "restart", "rewind")),
+    delay=st.sampled_from((0.1, 0.5, 1.0, 2.0, 4.0, 8.0)),
+    plan=st.lists(st.integers(0, 1), max_size=5).map(tuple),
+    graceful=st.booleans(),
+    land=st.booleans(),
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    settings: dict[str, Any]
+    partitions: int
+    pending_partitions: int
+    events: tuple[EventSpec, ...]
+    actions: tuple[Action, ...]
+    replies: tuple[Reply, ...]
+    write_delays: tuple[WriteDelay, ...]
+    commit_faults: tuple[CommitFault, ...]
+    poison: tuple[int, ...]  # users whose batches always fail (until the API heals)
+    max_records: int  # records per partition per fetch
+    session_timeout: float  # how long the group takes to notice a crashed member
+    tail: float  # seconds the script goes on after its last action
+    end_crash: bool  # the script ends with a crash of every member (else a graceful stop)
+    end_land: bool
+    foreign: bool  # another group's parked record sits in the pending topic
+    seed: int
+    chatter: int = 0  # steady traffic of the poison user and another: single samples, one every 0.25 s
+    chatter_user: int = 0
+    fetch_slow: float = 0.0  # seconds a fetch waits before taking records (beyond the pipeline's tick: it runs on)
+    fetch_fail_every: int = 0  # every n-th fetch raises a KafkaError (0: never)
+
+
+@st.composite
+def scenarios(draw, slow_fetches: bool = False) -> Scenario:
+    """With `slow_fetches`, a fetch outlives the pipeline's tick (it runs on while the loop commits, slowly or not)."""
+    hold = draw(st.sampled_from((0.5, 1.0, 3.0)))
+    knobs = {
+        "batch_max_samples": draw(st.integers(3, 6)),
+        "batch_window_seconds": draw(st.sampled_from((0.2, 0.5, 2.0))),
+        "min_batch_hold_seconds": hold,
+        "min_batch_max_age_seconds": hold + draw(st.sampled_from((0.5, 3.0, 10.0))),
+        "commit_interval_seconds": draw(st.sampled_from((0.2, 1.0, 2.0))),
+        "drain_timeout_seconds": draw(st.sampled_from((1.0, 3.0, 8.0))),
+        "revoke_timeout_seconds": draw(st.sampled_from((0.5, 2.0, 5.0))),
+        "retry_backoff_first_seconds": draw(st.sampled_from((0.05, 0.2))),
+        "retry_backoff_max_seconds": draw(st.sampled_from((0.5, 2.0))),
+        "retry_max_seconds": draw(st.sampled_from((0.0, 0.3, 1.0, 4.0))),
+        "max_in_flight": draw(st.integers(1, 4)),
+        "api_timeout_seconds": draw(st.sampled_from((0.5, 2.0))),
+    }
+    if "refusal_storm_guard" in config.Settings.__struct_fields__:  # the refusal-storm guard (stream/refusals.py)
+        knobs.update({
+            "refusal_storm_guard": draw(st.booleans()),
+            "refusal_storm_window_seconds": draw(st.sampled_from((1.0, 5.0, 60.0))),
+            "refusal_storm_min_batches": draw(st.integers(1, 3)),
+            "refusal_storm_share": draw(st.sampled_from((0.3, 0.5, 0.9))),
+        })
+    partitions = draw(st.integers(2, 3))
+    users = draw(st.sampled_from((1, 1, 2, 3)))
+    poison = draw(st.sampled_from(((), (0,)))) if users > 1 else ()
+    return Scenario(
+        settings=knobs,
+        partitions=partitions,
+        pending_partitions=draw(st.integers(1, 2)),
+        events=tuple(draw(st.lists(event_specs(partitions, users), min_size=1, max_size=40))),
+        actions=tuple(draw(st.lists(actions, max_size=6))),
+        replies=tuple(draw(st.lists(replies, max_size=10))),
+        write_delays=tuple(draw(st.lists(write_delays, max_size=5))),
+        commit_faults=tuple(draw(st.lists(commit_faults, max_size=4))),
+        poison=poison,
+        max_records=draw(st.integers(1, 5)),
+        fetch_slow=draw(st.sampled_from((0.3, 1.0))) if slow_fetches else 0.0,
+        fetch_fail_every=draw(st.sampled_from((0, 0, 0, 3, 10))),
+        session_timeout=draw(st.sampled_from((0.5, 3.0))),
+        tail=draw(st.sampled_from((0.0, 1.0, 5.0))),
+        end_crash=draw(st.booleans()),
+        end_land=draw(st.booleans()),
+        foreign=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+        chatter=draw(st.sampled_from((0, 40))) if poison else 0,
+        chatter_user=users - 1,
+    )
+
+
+# -- the world --------------------------------------------------------------------------------------------
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "delivery_error":
+            self.events.append(f"delivery failed unexpectedly: {record.exc_info[1]!r}" if record.exc_info else
+                               "delivery failed unexpectedly")
+
+
+class Member:
+    def __init__(self, world: World, name: str) -> None:
+        self.name = name
+        self.source = FakeSource(world.kafka, name, world.settings.input_topics, world.scenario.max_records,
+                                 world.scenario.fetch_slow, world.scenario.fetch_fail_every)
+        self.writer = FakeWriter(world.kafka, name, world.write_delays)
+        self.sink = FakeSink(world.api, name)
+        self.pipeline = Pipeline(
+            world.settings, clock=world.loop.time, wall=world.wall,
+            source=self.source, writer=self.writer, sink=self.sink, sleep=asyncio.sleep,  # type: ignore[arg-type]
+        )
+        # Backoff jitter from a seeded generator: the same example always runs the same way.
+        self.pipeline.delivery._rng = random.Random(world.scenario.seed + len(world.members))
+        self.source.bind(self.pipeline._on_assigned, self.pipeline._on_revoked)
+        self.task: asyncio.Task | None = None
+
+
+class World:
+    def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop) -> None:
+        self.scenario = scenario
+        self.loop = loop
+        self.settings = msgspec.convert(
+            {"api_token": "t", "metrics_port": 0, "kafka_group_id": GROUP, "kafka_topics": [TOPIC],
+             "dlq_topic": DLQ, "api_url": "http://api.test", **scenario.settings},
+            config.Settings,
+        )
+        assert self.settings.pending_topic == PENDING
+        self.kafka = FakeKafka(
+            {TOPIC: scenario.partitions, PENDING: scenario.pending_partitions, DLQ: 1},
+            self.wall, scenario.commit_faults, self._on_commit,
+            rebalance_timeout=self.settings.kafka_rebalance_timeout_seconds,
+        )
+        self.api = FakeApi(
+            Cycle(scenario.replies, Reply(200)), self.wall,
+            frozenset(USERS[u] for u in scenario.poison), self.settings.api_timeout_seconds,
+        )
+        self.write_delays = Cycle(scenario.write_delays, WriteDelay())
+        self.records = build_records(list(scenario.events))
+        self.chatter = build_records([
+            EventSpec("single", (0, scenario.chatter_user)[k % 2], "steps",
+                      (SampleSpec(10 + k, 0, 1, 0, False, False, False),),
+                      partition=k % scenario.partitions, delay=0.25)
+            for k in range(scenario.chatter)
+        ])
+        self.valid_norms: set[Norm] = {n for _, _, meta in self.records + self.chatter for n in meta.valid}
+        self.foreign_norms: set[Norm] = set()
+        self.members: list[Member] = []
+        self.live: list[Member] = []
+        self.problems: list[str] = []
+        self.background: set[asyncio.Task] = set()
+        self.errors = _Errors()
+        self._dlq_seen = 0
+        self._dlq_norms: set[Norm] = set()
+        self._dlq_at: dict[tuple[str, int, int], list[FakeRecord]] = {}
+        self.phase = "script"
+
+    def wall(self) -> float:
+        return WALL0 + self.loop.time()
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(f"[{self.loop.time() - START:.2f} s, {self.phase}] {text}")
+
+    # -- driving ------------------------------------------------------------------------------------------
+
+    async def play(self) -> None:
+        logger = logging.getLogger("stream.pipeline")
+        logger.addHandler(self.errors)
+        try:
+            await self._play()
+        finally:
+            logger.removeHandler(self.errors)
+        for text in self.errors.events:
+            self.problem(text)
+        for text in self.kafka.errors:
+            self.problem(text)
+
+    async def _play(self) -> None:
+        if self.scenario.foreign:
+            self._park_foreign()
+        producer = asyncio.create_task(self._produce(self.records))
+        chatter = asyncio.create_task(self._produce(self.chatter))
+        await self.start_member()
+        for action in self.scenario.actions:
+            await asyncio.sleep(action.delay)
+            await self.act(action)
+        await producer
+        await chatter
+        await asyncio.sleep(self.scenario.tail)
+        for member in list(self.live):
+            if self.scenario.end_crash:
+                await self.crash(member, self.scenario.end_land, rebalance=False)
+            else:
+                await self.stop(member, rebalance=False)
+        await self._settle_background()
+        self.check_safety("after the script")
+
+        # A healed world: the API accepts everything, Kafka is prompt. A last member must finish the job.
+        self.phase = "healed"
+        self.api.healthy = True
+        self.write_delays.override = WriteDelay()
+        self.kafka.commit_faults.override = CommitFault()
+        member = await self.start_member()
+        s = self.settings
+        await asyncio.sleep(s.batch_window_seconds + s.min_batch_hold_seconds + s.min_batch_max_age_seconds + 8)
+        for _ in range(HEALED_EXTRA_SECONDS):  # a slow fetch may need longer to read it all
+            if self._input_committed():
+                break
+            await asyncio.sleep(1.0)
+        await self.stop(member, rebalance=False)
+        await self._settle_background()
+        self.check_safety("at the end")
+        self.check_end()
+
+    def _input_committed(self) -> bool:
+        return all(self.kafka.committed.get(tp, 0) >= self.kafka.end_offset(tp) or not self.kafka.logs[tp]
+                   for tp in self.kafka.tps(TOPIC))
+
+    async def _produce(self, records: list[tuple[EventSpec, bytes | None, RecordMeta]]) -> None:
+        for event, value, meta in records:
+            await asyncio.sleep(event.delay)
+            user = None if value is None else USERS[event.user].encode()
+            self.kafka.append(TOPIC, event.partition, user, value, [], gap=event.gap, meta=meta)
+
+    def _park_foreign(self) -> None:
+        samples = [{**sample_dict(SampleSpec(m, 0, 1, 0, False, False, False), "steps"), "device_name": "Foreign"}
+                   for m in (1, 2)]
+        self.foreign_norms = {norm("u1", "steps", s) for s in samples}
+        value = json.dumps({"user_id": "u1", "data_type": "steps", "data": samples}).encode()
+        headers = [(PARKED_BORN_HEADER, f"{self.wall()},{self.wall()}".encode()), (PARKED_GROUP_HEADER, b"other")]
+        self.kafka.append(PENDING, 0, b"u1", value, headers)
+
+    async def act(self, action: Action) -> None:
+        if action.kind == "rebalance":
+            if self.live:
+                await self.kafka.rebalance(list(action.plan) or None)
+        elif action.kind == "start":
+            if len(self.live) < 2:
+                await self.start_member()
+        elif action.kind == "stop":
+            if self.live:  # the script goes on while the member drains (a rebalance may come meanwhile)
+                member = self.live.pop(0)
+                self._spawn(self._stop(member, rebalance=True))
+        elif action.kind == "crash":
+            if self.live:
+                await self.crash(self.live[-1], action.land)
+        elif action.kind == "rewind":
+            for member in self.live:
+                member.source.rewind()
+        elif action.kind == "restart":
+            for member in list(self.live):
+                if action.graceful:
+                    await self.stop(member, rebalance=False)
+                else:
+                    await self.crash(member, action.land, rebalance=False)
+            await self.start_member()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _settle_background(self) -> None:
+        while self.background:
+            await asyncio.wait(set(self.background))
+
+    async def start_member(self) -> Member:
+        member = Member(self, f"m{len(self.members)}")
+        self.members.append(member)
+        self.live.append(member)
+        self.kafka.trace.append(f"{self.wall():.2f} start {member.name}")
+        member.task = asyncio.create_task(member.pipeline.run())
+        await member.source.started.wait()
+        await self.kafka.rebalance()
+        return member
+
+    async def stop(self, member: Member, rebalance: bool = True) -> None:
+        """A graceful stop (SIGTERM): the member drains, commits and leaves the group."""
+        if member in self.live:
+            self.live.remove(member)
+            await self._stop(member, rebalance)
+
+    async def _stop(self, member: Member, rebalance: bool) -> None:
+        self.kafka.trace.append(f"{self.wall():.2f} stop {member.name}")
+        member.pipeline.stop()
+        assert member.task is not None
+        bound = self.settings.drain_timeout_seconds + 60
+        done, _ = await asyncio.wait({member.task}, timeout=bound)
+        if not done:
+            self.problem(f"{member.name}: a graceful stop did not end within {bound:.0f} s")
+            member.source.crash()
+            member.task.cancel()
+            await asyncio.wait({member.task})
+        elif member.task.exception() is not None:
+            self.problem(f"{member.name}: run() raised {member.task.exception()!r}")
+        if rebalance and self.live:
+            await self.kafka.rebalance()
+
+    async def crash(self, member: Member, land: bool, rebalance: bool = True) -> None:
+        """SIGKILL: nothing of the member reaches Kafka or the API any more; the group notices later."""
+        if member not in self.live:
+            return
+        self.live.remove(member)
+        self.kafka.trace.append(f"{self.wall():.2f} crash {member.name} (writes on the wire land: {land})")
+        member.source.crash()
+        member.writer.crash(land)
+        member.sink.dead = True
+        assert member.task is not None
+        member.task.cancel()
+        await asyncio.wait({member.task})
+        self.kafka.leave(member.source)
+        if rebalance:
+            self._spawn(self._rebalance_later(self.scenario.session_timeout))
+
+    async def _rebalance_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.live:
+            await self.kafka.rebalance()
+
+    # -- checks -------------------------------------------------------------------------------------------
+
+    def _on_commit(self, member: str, offsets: dict[TopicPartition, int]) -> None:
+        if not self.problems:
+            self.check_safety(f"commit by {member} of " + ",".join(f"{t.topic}-{t.partition}@{o}"
+                                                                    for t, o in sorted(offsets.items())))
+
+    def _index_dead_letters(self) -> None:
+        log = self.kafka.logs[TopicPartition(DLQ, 0)]
+        for record in log[self._dlq_seen:]:
+            source = (
+                (record.header("stream.source.topic") or b"").decode(),
+                int(record.header("stream.source.partition") or b"-1"),
+                int(record.header("stream.source.offset") or b"-1"),
+            )
+            self._dlq_at.setdefault(source, []).append(record)
+            reason = (record.header("stream.error.reason") or b"").decode()
+            if reason in SAMPLE_REASONS:
+                sample = _single_event_norm(record.value)
+                if sample is not None:
+                    self._dlq_norms.add(sample)
+        self._dlq_seen = len(log)
+
+    def _pending_norms(self, record: FakeRecord) -> list[Norm]:
+        if record.meta is None:
+            parsed = json.loads(record.value or b"{}")
+            record.meta = [norm(parsed["user_id"], parsed["data_type"], s) for s in parsed["data"]]
+        return record.meta
+
+    def _ours(self, record: FakeRecord) -> bool:
+        return record.header(PARKED_GROUP_HEADER) in (None, GROUP.encode())
+
+    def check_safety(self, when: str) -> None:
+        """Every record below its committed offset is safe: each sample accepted, dead-lettered, or parked in a
+        pending record not yet committed; each invalid record and invalid bundle element dead-lettered."""
+        self._index_dead_letters()
+        covered = set(self.api.accepted) | self._dlq_norms
+        for tp in self.kafka.tps(PENDING):
+            committed = self.kafka.committed.get(tp, 0)
+            for record in self.kafka.logs[tp]:
+                if record.offset >= committed and self._ours(record):
+                    covered.update(self._pending_norms(record))
+        for tp in self.kafka.tps(TOPIC):
+            committed = self.kafka.committed.get(tp, 0)
+            for record in self.kafka.logs[tp]:
+                if record.offset >= committed:
+                    break
+                meta: RecordMeta = record.meta
+                where = f"{tp.topic}-{tp.partition}@{record.offset} (committed to {committed})"
+                for sample in meta.valid:
+                    if sample not in covered:
+                        self.problem(f"{when}: LOST sample {_short(sample)} of {where}: not accepted, not "
+                                     "dead-lettered, not parked in an uncommitted pending record")
+                letters = self._dlq_at.get((tp.topic, tp.partition, record.offset), [])
+                if meta.invalid and not any(r.value == (record.value or b"") and r.header("stream.error.reason")
+                                            for r in letters):
+                    self.problem(f"{when}: invalid record {where} committed without its dead letter")
+                for marker in meta.markers:
+                    if not any(f'"{marker}"'.encode() in (r.value or b"") for r in letters):
+                        self.problem(f"{when}: invalid bundle element {marker} of {where} committed without its "
+                                     "dead letter")
+        for tp in self.kafka.tps(PENDING):
+            committed = self.kafka.committed.get(tp, 0)
+            for record in self.kafka.logs[tp]:
+                if record.offset >= committed:
+                    break
+                if not self._ours(record):
+                    continue
+                for sample in self._pending_norms(record):
+                    if sample not in covered:
+                        self.problem(f"{when}: LOST parked sample {_short(sample)} of {tp.topic}-{tp.partition}@"
+                                     f"{record.offset} (committed to {committed})")
+
+    def check_end(self) -> None:
+        s = self.settings
+        self._index_dead_letters()
+        for i, request in enumerate(self.api.requests):
+            n = len(request.norms)
+            if not 3 <= n <= s.batch_max_samples:
+                self.problem(f"request {i} carries {n} samples (3..{s.batch_max_samples})")
+            if len(set(request.norms)) != n:
+                self.problem(f"request {i} carries two copies of one sample: {[_short(x) for x in request.norms]}")
+            starts = [x[3][0] for x in request.norms]
+            if starts != sorted(starts):
+                self.problem(f"request {i} is not in chronological order")
+            for sample in request.norms:
+                if sample in self.foreign_norms:
+                    self.problem(f"request {i} sends another group's parked sample {_short(sample)}")
+                elif sample not in self.valid_norms:
+                    self.problem(f"request {i} sends a sample that was never in the input: {_short(sample)}")
+        for text in self.api.malformed:
+            self.problem(text)
+        for tp in self.kafka.tps(PENDING):
+            for record in self.kafka.logs[tp]:
+                if not self._ours(record):
+                    continue
+                parked = self._pending_norms(record)
+                if not 1 <= len(parked) <= 2:
+                    self.problem(f"a parked record holds {len(parked)} samples")
+                if any(x not in self.valid_norms for x in parked):
+                    self.problem("a parked record holds a sample that was never in the input")
+        self._check_dead_letters()
+        for tp in self.kafka.tps(TOPIC):
+            end, committed = self.kafka.end_offset(tp), self.kafka.committed.get(tp, 0)
+            if self.kafka.logs[tp] and committed < end:
+                self.problem(f"STUCK: {tp.topic}-{tp.partition} committed to {committed} of {end} after the healed "
+                             "run and its drain")
+
+    def _check_dead_letters(self) -> None:
+        for record in self.kafka.logs[TopicPartition(DLQ, 0)]:
+            reason = (record.header("stream.error.reason") or b"").decode()
+            if reason not in REASONS:
+                self.problem(f"dead letter with an unknown reason {reason!r}")
+                continue
+            source_tp = TopicPartition((record.header("stream.source.topic") or b"").decode(),
+                                       int(record.header("stream.source.partition") or b"-1"))
+            offset = int(record.header("stream.source.offset") or b"-1")
+            source = next((r for r in self.kafka.logs.get(source_tp, []) if r.offset == offset), None)
+            if source is None:
+                self.problem(f"dead letter ({reason}) points at no record: {source_tp}@{offset}")
+                continue
+            if reason not in SAMPLE_REASONS:
+                meta = source.meta
+                if source_tp.topic != TOPIC or not (meta.invalid or meta.markers):
+                    self.problem(f"dead letter ({reason}) for a valid record {source_tp.topic}-"
+                                 f"{source_tp.partition}@{offset}")
+                continue
+            sample = _single_event_norm(record.value)
+            if sample is None or sample not in self.valid_norms:
+                self.problem(f"dead letter ({reason}) whose value is no sample of the input: {record.value!r}")
+                continue
+            held = source.meta.valid if source_tp.topic == TOPIC else self._pending_norms(source)
+            if sample not in held:
+                self.problem(f"dead letter ({reason}) of {_short(sample)} points at {source_tp.topic}-"
+                             f"{source_tp.partition}@{offset}, which does not hold it")
+            if reason == "api_rejected" and sample not in self.api.refused:
+                self.problem(f"dead letter (api_rejected) of {_short(sample)}, which the API never refused")
+            if reason == "api_partial_unknown" and sample not in self.api.answered_207:
+                self.problem(f"dead letter (api_partial_unknown) of {_short(sample)}, never in a batch answered 207")
+            if reason == "retry_exhausted" and not self.settings.retry_max_seconds:
+                self.problem("retry_exhausted although STREAM_RETRY_MAX_SECONDS is 0")
+
+    def report(self) -> str:
+        lines = ["problems:", *self.problems, "", "trace (last lines):", *self.kafka.trace[-40:], "", "requests:"]
+        for request in self.api.requests[-25:]:
+            status = request.reply.status if request.reply else None
+            lines.append(f"  {request.at - WALL0 - START:.2f} {request.member} {request.user_id}/{request.data_type}"
+                         f" n={len(request.norms)} -> {status}")
+        return "\n".join(lines)
+
+
+def _single_event_norm(value: bytes | None) -> Norm | None:
+    try:
+        event = json.loads(value or b"")
+        return norm(event["user_id"], event["data_type"], event)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _short(sample: Norm) -> str:
+    user, data_type, device, start, _end, unit, _kind, value, _version = sample
+    return f"{user}/{data_type}/{device}/{start[0] - BASE.timestamp():.0f}s@{start[1]:+.0f}/{value}{unit}"
+
+
+def run(scenario: Scenario) -> World:
+    loop = VirtualTimeLoop(start=START, real_budget=20.0)
+    world = World(scenario, loop)
+    try:
+        loop.run_until_complete(asyncio.wait_for(world.play(), timeout=3600))
+    finally:
+        loop.real_deadline = time.monotonic() + 5.0  # time to clean up, even after the budget ran out
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.close()
+    return world
+
+
+# Deterministic in CI: the same examples every run (derandomize), nothing stored between runs (database).
+# Within one process a run is reproducible; across processes the order of a few set iterations in the pipeline
+# follows PYTHONHASHSEED: set it to replay a failure exactly in another process.
+PROPERTY = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
+
+
+@settings(PROPERTY, max_examples=400)
+@given(scenarios())
+def test_every_sample_ends_accepted_dead_lettered_or_uncommitted(scenario: Scenario) -> None:
+    world = run(scenario)
+    assert not world.problems, world.report()
+
+
+@settings(PROPERTY, max_examples=150)
+@given(scenarios(slow_fetches=True))
+def test_every_sample_ends_accepted_dead_lettered_or_uncommitted_with_fetches_slower_than_the_tick(
+    scenario: Scenario,
+) -> None:
+    # The fetch task outlives the loop's tick and finishes while the loop does something else (a slow commit too).
+    world = run(scenario)
+    assert not world.problems, world.report()
+
+
+# -- a bug the property found (fixed: records fetched under an older assignment are dropped) --------------
+
+def test_a_fetch_that_finished_before_a_rebalance_giving_the_partition_back_lets_no_commit_pass_a_dropped_record():
+    # One member, one input partition, two single-sample records; fetches take 1 s (a slow broker) and one
+    # record at a time. 1.0 s: r0 is ingested (its sample buffered, offset 0 pending). 1.5 s: the loop commits
+    # offset 0, a commit that takes 1.5 s; meanwhile a fetch, still running from the previous tick, finishes
+    # at 2.0 s with r1. 2.3 s: a rebalance revokes the partition (r0's sample is dropped from memory, offset 0
+    # committed) and assigns it back to the same member. 3.0 s: the slow commit returns; the loop ingests the
+    # finished fetch's r1 into the NEW assignment's offsets, which have not seen offset 0, and commits offset
+    # 1. 3.5 s: a graceful stop parks r1 and commits offset 2. r0 was never read again: its sample is lost.
+    scenario = Scenario(
+        settings={"batch_max_samples": 3, "batch_window_seconds": 2.0, "min_batch_hold_seconds": 3.0,
+                  "min_batch_max_age_seconds": 6.0, "commit_interval_seconds": 0.2},
+        partitions=1,
+        pending_partitions=1,
+        events=(EventSpec("single", 0, "steps", (SampleSpec(0, 0, 0, 0, False, False, False),)),
+                EventSpec("single", 0, "steps", (SampleSpec(1, 0, 0, 0, False, False, False),), delay=0.1)),
+        actions=(Action("rebalance", 2.3), Action("stop", 1.2)),
+        replies=(), write_delays=(),
+        commit_faults=(CommitFault(fail=True), CommitFault(delay=1.5), *[CommitFault()] * 5),
+        poison=(), max_records=1, session_timeout=0.5, tail=0.0, end_crash=False, end_land=False,
+        foreign=False, seed=0, fetch_slow=1.0,
+    )
+    world = run(scenario)
+    assert not world.problems, world.report()
