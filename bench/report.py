@@ -191,7 +191,16 @@ def _extra_lines(results: dict[str, Any]) -> list[str]:
         out.append("Batcher.add + poll per record: " + ", ".join(
             f"{row['keys']:,} keys {row['us_per_record']:.2f} us (gc off {row['us_per_record_gc_off']:.2f})"
             for row in micro))
+    decode = results.get("decode_micro")
+    if decode:
+        out.append(decode_line(decode))
     return out
+
+
+def decode_line(decode: dict[str, float]) -> str:
+    return ("decode_record per sample: single event {single_us_per_sample:.2f} us, in a bundle of 100 "
+            "{bundle_100_us_per_sample:.2f} us, single event with an escape (detailed path) "
+            "{single_escaped_us_per_sample:.2f} us").format(**decode)
 
 
 def table(results: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from bench import data, microbench, proc, report, snapshot
+from bench import data, decodebench, microbench, proc, report, snapshot
 
 ALL = ("a", "b", "c", "d", "latency", "deadletters", "keys")
 TOKEN = "bench-token"
@@ -921,6 +921,8 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                 except Exception as exc:
                     results["batcher_micro_error"] = f"{type(exc).__name__}: {exc}"
                     print(f"  micro-benchmark FAILED: {results['batcher_micro_error']}", flush=True)
+                results["decode_micro"] = await asyncio.to_thread(decodebench.run)
+                print("  " + report.decode_line(results["decode_micro"]), flush=True)
         finally:
             assert bench.sandbox is not None
             await bench.sandbox.stop()
