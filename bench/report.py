@@ -69,6 +69,12 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
             out[f"keys.{key}"] = keys[key]
     for row in results.get("batcher_micro", []):
         out[f"batcher.{row['keys']}.us_per_record"] = row["us_per_record"]
+    for key, value in results.get("decode_micro", {}).items():
+        out[f"decode.{key}"] = value
+    ledger = results.get("ledger_restore", {})
+    if ledger and "error" not in ledger:
+        for key in ("read_seconds", "restore_seconds", "ns_per_sample"):
+            out[f"ledger.{key}"] = ledger[key]
     return out
 
 
@@ -194,7 +200,16 @@ def _extra_lines(results: dict[str, Any]) -> list[str]:
     decode = results.get("decode_micro")
     if decode:
         out.append(decode_line(decode))
+    ledger = results.get("ledger_restore")
+    if ledger:
+        out.append(ledger_line(ledger) if "error" not in ledger else "ledger restore: FAILED: " + ledger["error"])
     return out
+
+
+def ledger_line(ledger: dict[str, float]) -> str:
+    return ("ledger restore ({samples:,} remembered samples, {mb:.1f} MB in Kafka): read {read_seconds:.2f} s, read "
+            "and loaded {restore_seconds:.2f} s = {ns_per_sample:.0f} ns a sample, {resident_mb:.0f} MB resident"
+            ).format(mb=ledger["bytes"] / 1e6, **ledger)
 
 
 def decode_line(decode: dict[str, float]) -> str:

@@ -23,7 +23,8 @@ record's Kafka timestamp to the moment the sandbox, in this process, accepts its
 (``--dead-letters`` invalid events, one dead letter each: how fast ``stream run`` writes them to its
 dead-letter topic and what CPU that costs), a many-keys run (RSS per buffered sample and per key with
 ``--keys`` users of 1-2 samples each, which can never be sent), and a micro-benchmark of the service's
-window bookkeeping (stream.batching.Batcher) for growing key counts.
+window bookkeeping (stream.batching.Batcher) for growing key counts and of decode_record, and a ledger restore
+(1M remembered samples read back from a ledger topic and loaded: the cost of an assignment).
 Results: a table on stdout, ``bench/results/latest.json`` and ``bench/results/latest.md``.
 """
 
@@ -51,9 +52,9 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from bench import data, decodebench, microbench, proc, report, snapshot
+from bench import data, decodebench, ledgerbench, microbench, proc, report, snapshot
 
-ALL = ("a", "b", "c", "d", "latency", "deadletters", "keys")
+ALL = ("a", "b", "c", "d", "latency", "deadletters", "keys", "ledger")
 TOKEN = "bench-token"
 RESULTS = Path(__file__).resolve().parent / "results"
 POLL = 0.025  # seconds between progress polls of the sandbox
@@ -923,6 +924,14 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
                     print(f"  micro-benchmark FAILED: {results['batcher_micro_error']}", flush=True)
                 results["decode_micro"] = await asyncio.to_thread(decodebench.run)
                 print("  " + report.decode_line(results["decode_micro"]), flush=True)
+            if "ledger" in args.only_set:
+                print("ledger restore: 1M remembered samples in one partition ...", flush=True)
+                try:
+                    results["ledger_restore"] = await ledgerbench.run(bootstrap)
+                    print("  " + report.ledger_line(results["ledger_restore"]), flush=True)
+                except Exception as exc:
+                    results["ledger_restore"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    print(f"  ledger restore FAILED: {results['ledger_restore']['error']}", flush=True)
         finally:
             assert bench.sandbox is not None
             await bench.sandbox.stop()

@@ -26,6 +26,7 @@ COMMANDS = {
     "kafka": "run a local single-node Apache Kafka broker (resolved from Maven Central, cached)",
     "demo": "local Kafka + sandbox + generated wearable data + `stream run`, then a report",
     "generate": "write generated wearable events to a Kafka topic",
+    "ledger": "show or forget what the sync ledger remembers of a user",
 }
 
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from stream import demo
 
         return demo.generate_main(rest)
+    if command == "ledger":
+        from stream import ledger_store
+
+        return ledger_store.main(rest)
     print(f"stream: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
@@ -168,6 +173,7 @@ async def _listen(health: HealthServer, port: int) -> None:
 async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _LateReady) -> None:
     from aiokafka.errors import KafkaConnectionError
 
+    from stream.ledger_store import LedgerTopicError
     from stream.pipeline import Pipeline
     from stream.token import TokenSource
 
@@ -178,6 +184,10 @@ async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _Lat
         loop.add_signal_handler(sig, pipeline.stop)
     try:
         await pipeline.run()
+    except LedgerTopicError as exc:
+        # The ledger topic has fewer partitions than an input topic, or cannot be created: an operator's fix.
+        await _close_quietly(pipeline)
+        raise StartupError(f"{config.env_name('ledger_topic')}: {exc}", status=2) from None
     except KafkaConnectionError:
         # Raised when no bootstrap server answers at start (once running, the clients reconnect by themselves).
         # Status 1, not 2: the address may be right and Kafka only down for now; a restart will try again.

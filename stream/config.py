@@ -66,6 +66,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     refusal_storm_window_seconds: Seconds = 60.0
     refusal_storm_min_batches: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
     refusal_storm_share: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    ledger: Literal["on", "shadow", "off"] = "on"
+    ledger_topic: str = ""  # derived from the group id when empty (see __post_init__)
+    ledger_horizon_seconds: Seconds = 3 * 86400.0
+    ledger_max_memory_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 256 << 20
+    ledger_max_samples_per_device: Annotated[int, msgspec.Meta(ge=100)] = 200_000
+    ledger_beyond_horizon: Literal["send", "dead_letter"] = "send"
     metrics_port: Port = 9090
     log_level: str = "INFO"
 
@@ -76,6 +82,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             # Each consumer group parks in a topic of its own (like Kafka Streams' internal topics): another
             # deployment on the same cluster never reads, re-parks or sends this group's parked samples.
             msgspec.structs.force_setattr(self, "pending_topic", f"{self.kafka_group_id}-pending")
+        if not self.ledger_topic:
+            # Like Kafka Streams' `<application.id>-<store>-changelog`: each group remembers in a topic of its own.
+            msgspec.structs.force_setattr(self, "ledger_topic", f"{self.kafka_group_id}-ledger")
         if self.kafka_heartbeat_interval_seconds * 3 > self.kafka_session_timeout_seconds:
             raise ConfigError(
                 "STREAM_KAFKA_HEARTBEAT_INTERVAL_SECONDS: must be at most a third of "
@@ -88,8 +97,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 f"STREAM_KAFKA_REBALANCE_TIMEOUT_SECONDS ({self.kafka_rebalance_timeout_seconds:g} s): the group "
                 "would move on without this member while it still sends; lower the one or raise the other"
             )
-        if self.dlq_topic in self.kafka_topics or self.pending_topic in self.kafka_topics:
-            raise ConfigError("STREAM_DLQ_TOPIC / STREAM_PENDING_TOPIC: must differ from STREAM_KAFKA_TOPICS")
+        if {self.dlq_topic, self.pending_topic, self.ledger_topic} & set(self.kafka_topics):
+            raise ConfigError(
+                "STREAM_DLQ_TOPIC / STREAM_PENDING_TOPIC / STREAM_LEDGER_TOPIC: must differ from STREAM_KAFKA_TOPICS"
+            )
+        if self.ledger_topic in (self.dlq_topic, self.pending_topic):
+            raise ConfigError("STREAM_LEDGER_TOPIC: must differ from STREAM_DLQ_TOPIC and STREAM_PENDING_TOPIC")
         if self.min_batch_max_age_seconds < self.min_batch_hold_seconds:
             raise ConfigError(
                 "STREAM_MIN_BATCH_MAX_AGE_SECONDS: must be at least STREAM_MIN_BATCH_HOLD_SECONDS"
@@ -211,6 +224,15 @@ HELP: dict[str, str] = {
     "revoke_timeout_seconds": "on a rebalance, how long to wait for the revoked partitions' requests on the wire",
     "retry_backoff_first_seconds": "first retry delay of a failed request (exponential, full jitter)",
     "retry_backoff_max_seconds": "cap of the retry delay",
+    "ledger": "on, shadow or off: the sync ledger remembers what the API accepted, per device, so a re-sent, "
+    "re-read or replayed sample is not sent twice (shadow: decide and count, but send everything)",
+    "ledger_topic": "compacted topic holding the ledger (default: <group id>-ledger, created when missing)",
+    "ledger_horizon_seconds": "how far behind a device's newest accepted sample the ledger remembers samples",
+    "ledger_max_memory_bytes": "memory for the ledger's fingerprints (16 B a sample); past it the least recently "
+    "active devices are forgotten",
+    "ledger_max_samples_per_device": "fingerprints remembered per device at most (its oldest forgotten first)",
+    "ledger_beyond_horizon": "send or dead_letter: a sample older than its device's horizon, which the ledger "
+    "cannot vouch for (send: a duplicate is better than a loss)",
     "metrics_port": "port of /metrics, /healthz and /readyz (0 disables the server)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

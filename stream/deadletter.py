@@ -56,10 +56,12 @@ _OVERHEAD = 64  # bytes counted per write beyond its key, value and headers (the
 
 
 class _Write:
-    __slots__ = ("done", "headers", "key", "size", "topic", "value")
+    __slots__ = ("done", "headers", "key", "partition", "size", "topic", "value")
 
-    def __init__(self, topic: str, key: bytes | None, value: bytes, headers: Headers, done: asyncio.Future) -> None:
+    def __init__(self, topic: str, key: bytes | None, value: bytes, headers: Headers, done: asyncio.Future,
+                 partition: int | None = None) -> None:
         self.topic = topic
+        self.partition = partition
         self.key = key
         self.value = value
         self.headers = headers
@@ -121,10 +123,12 @@ class KafkaWriter:
         if not done:
             stopping.cancel()
 
-    def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> asyncio.Future[None]:
-        """Queue a write; the future resolves once Kafka acknowledged it (after as many retries as needed)."""
+    def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers,
+              partition: int | None = None) -> asyncio.Future[None]:
+        """Queue a write (to `partition`, or the key's); the future resolves once Kafka acknowledged it (after as
+        many retries as needed)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        write = _Write(topic, key, value, headers, done)
+        write = _Write(topic, key, value, headers, done, partition)
         self._queue.append(write)
         self.pending += 1
         self.pending_bytes += write.size
@@ -158,7 +162,7 @@ class KafkaWriter:
             try:
                 # Returns once the record is in the producer's batch (waits while that batch is full).
                 delivery = await self._producer.send(write.topic, value=write.value, key=write.key,
-                                                     headers=write.headers)
+                                                     headers=write.headers, partition=write.partition)
             except KafkaError as exc:
                 self._failed(write, exc)
                 continue

@@ -115,6 +115,34 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 60), registry=r,
         )
 
+        self.ledger_decisions = Counter(
+            "stream_ledger_decisions_total",
+            "Samples screened by the sync ledger before sending, by kind: new, duplicate (not sent), correction, "
+            "late, beyond_horizon", ["kind"], registry=r,
+        )
+        self.ledger_entries = Gauge("stream_ledger_entries", "Accepted samples the ledger remembers", registry=r)
+        self.ledger_bytes = Gauge(
+            "stream_ledger_resident_bytes", "Memory the ledger's state holds (estimate)", registry=r
+        )
+        self.ledger_evictions = Counter(
+            "stream_ledger_evictions_total",
+            "Remembered samples forgotten for the memory budget or the per-device cap (a re-send of one would be "
+            "sent again)", registry=r,
+        )
+        self.ledger_restore_seconds = Histogram(
+            "stream_ledger_restore_seconds", "How long restoring one partition's ledger state took",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.ledger_restored = Counter(
+            "stream_ledger_restored_samples_total", "Samples read back from the ledger topic at restores", registry=r
+        )
+        self.ledger_lateness = Histogram(
+            "stream_ledger_lateness_seconds",
+            "How far behind its device's newest accepted sample a sample starts (late, correction, beyond_horizon): "
+            "to tune STREAM_LEDGER_HORIZON_SECONDS",
+            buckets=(60, 600, 3600, 6 * 3600, 86400, 2 * 86400, 3 * 86400, 7 * 86400, 30 * 86400), registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

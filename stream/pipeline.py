@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from stream.batching import Batch, Batcher, Entry, Small, Twins
+from stream.batching import MIN_SAMPLES, Batch, Batcher, Entry, Small, Twins
 from stream.config import COMMIT_TIMEOUT_SECONDS, Settings
 from stream.deadletter import (
     MAX_PENDING_BYTES,
@@ -28,6 +28,7 @@ from stream.deadletter import (
     dead_letter_headers,
 )
 from stream.delivery import Delivery, Exhausted, Final
+from stream.ledger_sync import KafkaLedgerStore, LedgerStore, LedgerSync
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 from stream.outcome import Partial, Rejected
@@ -61,6 +62,7 @@ class Pipeline:
         writer: KafkaWriter | None = None,
         sink: SamplesSink | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        ledger_store: LedgerStore | None = None,
     ) -> None:
         # source, writer, sink and sleep are for tests that drive the loop without a network (fakes with
         # the same methods); the service builds the real ones from the settings.
@@ -101,6 +103,11 @@ class Pipeline:
                 enabled=settings.refusal_storm_guard,
             ),
         )
+        # What the API already accepted, per device (STREAM_LEDGER): screened before sending, recorded after.
+        self.ledger: LedgerSync | None = None
+        if settings.ledger != "off":
+            store = ledger_store or KafkaLedgerStore(settings)
+            self.ledger = LedgerSync(settings, self.metrics, store, self.source, clock)
         self._deliveries: dict[asyncio.Task[None], Batch] = {}
         self._in_flight_samples = 0
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
@@ -139,6 +146,8 @@ class Pipeline:
     async def run(self) -> None:
         await self.sink.start()
         await self.writer.start()
+        if self.ledger is not None:
+            await self.ledger.ensure()  # before joining the group: a missing or too small topic ends the start
         await self.source.start()
         self._next_commit = self._clock() + self.settings.commit_interval_seconds
         log.info("consuming", extra={"event": "started", "topics": ",".join(self.settings.input_topics)})
@@ -154,6 +163,8 @@ class Pipeline:
                 self._fetch.cancel()
             for task in list(self._deliveries):
                 task.cancel()
+            if self.ledger is not None:
+                self.ledger.close()
             # Both bounded (5 s each), side by side: the whole stop stays within the drain timeout + ~10 s.
             await asyncio.gather(self.source.stop(), self.writer.stop())
             await self.sink.close()
@@ -310,11 +321,55 @@ class Pipeline:
         self._dispatch()  # the key's next batch, or another key's, can take the freed slot now
 
     async def _deliver(self, batch: Batch) -> None:
+        if self.ledger is not None:
+            screened = self._screen(batch)
+            if screened is None:
+                return
+            batch = screened
         user_id, data_type = batch.key
         body = batch_body(user_id, data_type, [e.body for e in batch.entries])
         self.metrics.flushes.labels(batch.reason).inc()
         self.metrics.batch_size.observe(len(batch.entries))
         self._settle(batch, await self.delivery.send(body, data_type, len(batch.entries)))
+
+    def _screen(self, batch: Batch) -> Batch | None:
+        """The batch without the samples the API already accepted (done at once, with their copies), nor those
+        beyond the ledger's horizon when they are to be dead-lettered; None when nothing is left to send now.
+
+        Here, at the last moment, not at intake: a key's batches leave one at a time, so every earlier batch of
+        the same device has been settled and recorded by now, copies that arrived while it was in flight too.
+        """
+        assert self.ledger is not None
+        user_id, data_type = batch.key
+        screened = self.ledger.screen(user_id, data_type, batch.entries)
+        if len(screened.send) == len(batch.entries):
+            return batch
+        copies: dict[int, list[Entry]] = {}
+        for original, copy in batch.twins:
+            copies.setdefault(id(original), []).append(copy)
+        for entry in screened.duplicates:
+            entry.source.ack(entry.offset)
+            for copy in copies.get(id(entry), ()):
+                copy.source.ack(copy.offset)
+        if screened.duplicates:
+            self.metrics.samples.labels("duplicate", data_type).inc(len(screened.duplicates))
+        for entry in screened.beyond:
+            message = (f"older than STREAM_LEDGER_HORIZON_SECONDS ({self.settings.ledger_horizon_seconds:g} s) "
+                       "behind its device's newest accepted sample, and unknown to the ledger")
+            rejection = Rejection("beyond_ledger_horizon", message, as_single_event(user_id, data_type, entry.body))
+            also = [(c.source, c.offset) for c in copies.get(id(entry), ())]
+            self._dead_letter(rejection, entry.source, entry.offset, data_type, also)
+        send = screened.send
+        kept = {id(e) for e in send}
+        twins = [(original, copy) for original, copy in batch.twins if id(original) in kept]
+        if len(send) >= MIN_SAMPLES:
+            return Batch(batch.key, send, batch.reason, twins)
+        if send:  # too few for a request: back into their buffer, to leave with the key's later samples
+            entries = send + [copy for _, copy in twins]
+            live = [e for e in entries if self.tracker.get(e.source.tp) is e.source]
+            if live:
+                self.batcher.add(batch.key, live, self._clock())
+        return None
 
     def _settle(self, batch: Batch, outcome: Final) -> None:
         """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written.
@@ -360,8 +415,6 @@ class Pipeline:
         wall = self._wall()
         not_accepted = refused.keys() | held if held else refused
         accepted = [e for i, e in enumerate(entries) if i not in not_accepted] if not_accepted else entries
-        for entry in accepted:
-            entry.source.ack(entry.offset)
         observe_many(self.metrics.e2e_latency, [wall - e.timestamp for e in accepted])
         self.metrics.samples.labels("accepted", data_type).inc(len(accepted))
         # A copy shares its original's fate: acknowledged with it, or once its original's dead letter is written
@@ -378,9 +431,26 @@ class Pipeline:
             value = as_single_event(user_id, data_type, entry.body)
             also = copies.pop(id(entry), ()) if copies else ()
             self._dead_letter(Rejection(reason, message, value), entry.source, entry.offset, data_type, also)
-        for parts in copies.values():
-            for state, offset in parts:
-                state.ack(offset)
+        self._acknowledge(batch.key, accepted, copies)
+
+    def _acknowledge(self, key: tuple[str, str], accepted: list[Entry],
+                     copies: dict[int, list[tuple[PartitionOffsets, int]]]) -> None:
+        """Accepted samples (and the copies that rode with them) are done: at once, or with the ledger on, once
+        Kafka acknowledged their ledger record (a commit passing them before would forget them at a restart)."""
+        if self.ledger is None:
+            for entry in accepted:
+                entry.source.ack(entry.offset)
+            for parts in copies.values():
+                for state, offset in parts:
+                    state.ack(offset)
+            return
+        if not accepted:
+            return
+        for written, entries in self.ledger.record(self.writer, key[0], key[1], accepted):
+            parts = [(e.source, e.offset) for e in entries]
+            for entry in entries:
+                parts.extend(copies.get(id(entry), ()))
+            self._ack_when_written(written, parts)
 
     def _hold(self, batch: Batch, indices: list[int]) -> None:
         """Put a 207's refused samples (and their copies) back into their buffer during a refusal storm: not
@@ -470,6 +540,8 @@ class Pipeline:
         self._generation += 1
         for tp in assigned:
             self.tracker.assign(tp)
+        if self.ledger is not None:
+            self.ledger.assigned(assigned)  # held back until their ledger state is restored
         if self.source.paused:
             self.source.pause()  # newly assigned partitions wait too while memory is full
         self._assigned = True
@@ -503,6 +575,8 @@ class Pipeline:
             self.metrics.revoke_seconds.observe(self._clock() - started)
         for tp in revoked:
             self.tracker.revoke(tp)
+        if self.ledger is not None:
+            self.ledger.revoked(revoked)
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
 
     def _cancel_deliveries_of(self, states: set[PartitionOffsets], sleeping_only: bool = False) -> None:

@@ -58,6 +58,8 @@ REASONS: dict[str, str] = {
     "below_min_batch": "fewer than 3 samples of a user and data type arrived before the maximum age",
     "api_rejected": "the Samples API refused the sample (400, or listed as refused in a 207)",
     "retry_exhausted": "the API kept failing this batch for STREAM_RETRY_MAX_SECONDS while accepting others",
+    "beyond_ledger_horizon": "older than its device's ledger horizon and unknown to the ledger, with "
+    "STREAM_LEDGER_BEYOND_HORIZON=dead_letter (whether the API has it cannot be told)",
     "api_partial_unknown": "the API answered 207 (some samples refused) without saying readably which: the whole "
     "batch is dead-lettered with the 207 body, since some of it may not have been accepted",
 }

@@ -53,6 +53,7 @@ class KafkaSource:
         )
         self._listener = _Listener(on_assigned, on_revoked)
         self.paused = False
+        self._held: set[TopicPartition] = set()  # held back whatever `paused` says (their ledger is restoring)
 
     async def start(self) -> None:
         # Start first, subscribe after: started with a subscription, aiokafka waits for the first assignment
@@ -107,7 +108,23 @@ class KafkaSource:
 
     def resume(self) -> None:
         self.paused = False
-        self._consumer.resume(*self._consumer.assignment())
+        held = {KafkaTP(tp.topic, tp.partition) for tp in self._held}
+        self._consumer.resume(*(tp for tp in self._consumer.assignment() if tp not in held))
+
+    def hold(self, tps: list[TopicPartition]) -> None:
+        """Stop fetching these partitions until `release`, whatever pause/resume do meanwhile."""
+        self._held.update(tps)
+        self._consumer.pause(*(KafkaTP(tp.topic, tp.partition) for tp in tps))
+
+    def release(self, tps: list[TopicPartition]) -> None:
+        self._held.difference_update(tps)
+        if not self.paused:
+            assigned = self._consumer.assignment()
+            self._consumer.resume(*(t for tp in tps if (t := KafkaTP(tp.topic, tp.partition)) in assigned))
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        """Revoked partitions are no longer held back (a later assignment decides afresh)."""
+        self._held.difference_update(tps)
 
     def highwater(self, tp: TopicPartition) -> int | None:
         """The partition's end offset as of the last fetch (None before one)."""

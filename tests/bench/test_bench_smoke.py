@@ -36,7 +36,7 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "bench", "--events", "20000", "--users", "200", "--keys", "20000",
         "--latency-seconds", "3", "--latency-rate", "5000", "--dead-letters", "5000",
-        "--only", ",".join([*contenders, "latency", "deadletters", "keys"]),
+        "--only", ",".join([*contenders, "latency", "deadletters", "keys", "ledger"]),
         "--output", str(out), "--markdown", str(md),
     ]  # fmt: skip
     if os.environ.get("STREAM_TEST_BOOTSTRAP"):
@@ -55,6 +55,8 @@ def test_benchmark_end_to_end(tmp_path: Path) -> None:
     expected += [f"ratio.dead_letters_over_a.{m}" for m in ("per_s", "cpu_s_per_million")]
     expected += ["keys.bytes_per_buffered_sample", "keys.bytes_per_key", "keys.buffered_samples", "keys.buffers"]
     expected += ["batcher.10000.us_per_record", "batcher.20000.us_per_record"]
+    expected += [f"decode.{shape}_us_per_sample" for shape in ("single", "bundle_100", "single_escaped")]
+    expected += ["ledger.read_seconds", "ledger.restore_seconds", "ledger.ns_per_sample"]
     missing = sorted(set(expected) - set(figures))
     assert not missing, f"missing figures: {missing}"
     bad = {k: v for k, v in figures.items() if not (isinstance(v, int | float) and math.isfinite(v) and v > 0)}

@@ -297,6 +297,7 @@ class FakeSource:
         self.positions: dict[TopicPartition, int] = {}
         self.generation = -1
         self.paused = False
+        self.held: set[TopicPartition] = set()  # held back while their ledger restores
         self.dead = False
         self.started = asyncio.Event()
         self.stopped = False
@@ -351,7 +352,7 @@ class FakeSource:
         out: dict[TopicPartition, list[FakeRecord]] = {}
         if self.paused or self.dead or self.stopped:
             return out
-        for tp in sorted(self.assignment):
+        for tp in sorted(self.assignment - self.held):
             records = self.kafka.read(tp, self.positions[tp], self.max_records)
             if records:
                 self.positions[tp] = records[-1].offset + 1
@@ -370,6 +371,15 @@ class FakeSource:
 
     def resume(self) -> None:
         self.paused = False
+
+    def hold(self, tps: list[TopicPartition]) -> None:
+        self.held.update(tps)
+
+    def release(self, tps: list[TopicPartition]) -> None:
+        self.held.difference_update(tps)
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        self.held.difference_update(tps)
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.kafka.end_offset(tp)
@@ -446,26 +456,51 @@ class FakeWriter:
                 self._append(*write)
         self._pending.clear()
 
-    def write(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future:
+    def write(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+              partition: int | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self.writes += 1
-        task = loop.create_task(self._write(topic, key, value, list(headers), self.delays.next(), done))
-        self._pending[task] = (topic, key, value, list(headers))
+        task = loop.create_task(self._write(topic, key, value, list(headers), self.delays.next(), done, partition))
+        self._pending[task] = (topic, key, value, list(headers), partition)
         return done
 
-    async def _write(self, topic, key, value, headers, delay: WriteDelay, done: asyncio.Future) -> None:
+    async def _write(self, topic, key, value, headers, delay: WriteDelay, done: asyncio.Future,
+                     partition: int | None = None) -> None:
         await asyncio.sleep(delay.append)
         if self.dead:
             return
-        self._append(topic, key, value, headers)
+        self._append(topic, key, value, headers, partition)
         self._pending.pop(asyncio.current_task(), None)  # in Kafka now: a crash cannot undo it
         await asyncio.sleep(delay.ack)
         if not self.dead and not done.done():
             done.set_result(None)
 
-    def _append(self, topic, key, value, headers) -> None:
-        self.kafka.append(topic, None, key, value, list(headers))
+    def _append(self, topic, key, value, headers, partition=None) -> None:
+        self.kafka.append(topic, partition, key, value, list(headers))
+
+
+class FakeLedgerStore:
+    """The ledger topic in a FakeKafka: what was written to a partition, the latest value per key."""
+
+    def __init__(self, kafka: FakeKafka, topic: str) -> None:
+        self.kafka = kafka
+        self.topic = topic
+
+    async def ensure(self) -> None:
+        assert self.kafka.partitions[self.topic] >= max(
+            n for t, n in self.kafka.partitions.items() if t != self.topic
+        ), "the ledger topic has fewer partitions than an input topic"
+
+    async def read(self, partition: int) -> list[bytes]:
+        latest: dict[bytes | None, bytes] = {}
+        for record in self.kafka.logs[TopicPartition(self.topic, partition)]:
+            if record.value is None:
+                latest.pop(record.key, None)
+            else:
+                latest[record.key] = record.value
+        await asyncio.sleep(0.01)  # a read takes some time: records may be fetched for other partitions meanwhile
+        return list(latest.values())
 
 
 # -- the Samples API ----------------------------------------------------------------------------------------

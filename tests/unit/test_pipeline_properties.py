@@ -57,6 +57,7 @@ from tests.unit.fakes import (
     Cycle,
     FakeApi,
     FakeKafka,
+    FakeLedgerStore,
     FakeRecord,
     FakeSink,
     FakeSource,
@@ -72,6 +73,7 @@ TOPIC = "samples"
 GROUP = "g"
 DLQ = "samples.dlq"
 PENDING = f"{GROUP}-pending"
+LEDGER = f"{GROUP}-ledger"
 WALL0 = 1_700_000_000.0  # wall time when the virtual clock reads 0
 START = 1000.0  # the virtual clock at the start of an example
 SAMPLE_REASONS = {"api_rejected", "retry_exhausted", "api_partial_unknown", "below_min_batch"}
@@ -325,6 +327,7 @@ def scenarios(draw, slow_fetches: bool = False) -> Scenario:
         "retry_max_seconds": draw(st.sampled_from((0.0, 0.3, 1.0, 4.0))),
         "max_in_flight": draw(st.integers(1, 4)),
         "api_timeout_seconds": draw(st.sampled_from((0.5, 2.0))),
+        "ledger": draw(st.sampled_from(("on", "on", "shadow", "off"))),
     }
     if "refusal_storm_guard" in config.Settings.__struct_fields__:  # the refusal-storm guard (stream/refusals.py)
         knobs.update({
@@ -384,6 +387,7 @@ class Member:
         self.pipeline = Pipeline(
             world.settings, clock=world.loop.time, wall=world.wall,
             source=self.source, writer=self.writer, sink=self.sink, sleep=asyncio.sleep,  # type: ignore[arg-type]
+            ledger_store=FakeLedgerStore(world.kafka, LEDGER),
         )
         # Backoff jitter from a seeded generator: the same example always runs the same way.
         self.pipeline.delivery._rng = random.Random(world.scenario.seed + len(world.members))
@@ -402,7 +406,8 @@ class World:
         )
         assert self.settings.pending_topic == PENDING
         self.kafka = FakeKafka(
-            {TOPIC: scenario.partitions, PENDING: scenario.pending_partitions, DLQ: 1},
+            {TOPIC: scenario.partitions, PENDING: scenario.pending_partitions, DLQ: 1,
+             LEDGER: max(scenario.partitions, scenario.pending_partitions)},
             self.wall, scenario.commit_faults, self._on_commit,
             rebalance_timeout=self.settings.kafka_rebalance_timeout_seconds,
         )

@@ -35,7 +35,7 @@ class Source:
 
 
 def pipeline() -> tuple[Pipeline, Writer]:
-    settings = msgspec.convert({"api_token": "t", "batch_window_seconds": 5.0}, config.Settings)
+    settings = msgspec.convert({"api_token": "t", "batch_window_seconds": 5.0, "ledger": "off"}, config.Settings)
     writer = Writer()
     p = Pipeline(settings, source=Source(), writer=writer, sink=object(), clock=lambda: 100.0, wall=lambda: 1e9)
     p._assigned = True

@@ -25,7 +25,7 @@ class Producer:
         self.sent: list[bytes] = []
         self.most_in_hand = 0
 
-    async def send(self, topic, value, key, headers):
+    async def send(self, topic, value, key, headers, partition=None):
         delivery = asyncio.get_running_loop().create_future()
         self.unacknowledged.append((value, delivery))
         self.sent.append(value)

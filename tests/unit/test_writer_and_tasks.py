@@ -24,7 +24,7 @@ class TooLargeForKafka:
     def __init__(self) -> None:
         self.written: list[tuple[bytes, list]] = []
 
-    async def send(self, topic, value, key, headers):
+    async def send(self, topic, value, key, headers, partition=None):
         if len(value) > 1000:
             raise MessageSizeTooLargeError()
         self.written.append((value, headers))

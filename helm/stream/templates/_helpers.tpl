@@ -138,12 +138,20 @@ files in place when a Secret changes, and the service re-reads the token without
 {{- if lt (float64 .Values.config.minBatchMaxAgeSeconds) (float64 .Values.config.minBatchHoldSeconds) }}
 {{- fail "config.minBatchMaxAgeSeconds must be at least config.minBatchHoldSeconds" }}
 {{- end }}
-{{- if or (has .Values.kafka.dlqTopic .Values.kafka.topics) (has (include "stream.pendingTopic" .) .Values.kafka.topics) }}
-{{- fail "kafka.dlqTopic and kafka.pendingTopic must differ from kafka.topics" }}
+{{- if or (has .Values.kafka.dlqTopic .Values.kafka.topics) (has (include "stream.pendingTopic" .) .Values.kafka.topics) (has (include "stream.ledgerTopic" .) .Values.kafka.topics) }}
+{{- fail "kafka.dlqTopic, kafka.pendingTopic and kafka.ledgerTopic must differ from kafka.topics" }}
+{{- end }}
+{{- if has (include "stream.ledgerTopic" .) (list .Values.kafka.dlqTopic (include "stream.pendingTopic" .)) }}
+{{- fail "kafka.ledgerTopic must differ from kafka.dlqTopic and kafka.pendingTopic" }}
 {{- end }}
 {{- end }}
 
 {{/* The pending topic: the configured one, or one of the consumer group's own (as the service derives it). */}}
 {{- define "stream.pendingTopic" -}}
 {{- default (printf "%s-pending" .Values.kafka.groupId) .Values.kafka.pendingTopic -}}
+{{- end }}
+
+{{/* The ledger topic: the configured one, or one of the consumer group's own (as the service derives it). */}}
+{{- define "stream.ledgerTopic" -}}
+{{- default (printf "%s-ledger" .Values.kafka.groupId) .Values.kafka.ledgerTopic -}}
 {{- end }}

@@ -1,0 +1,218 @@
+"""The sync ledger's state and decisions: what the API already accepted, per device. Pure: no I/O, no clock.
+
+The API's documentation asks each client to track what it already sent, per device and chronologically,
+because the API does not deduplicate. Per (user_id, data_type, device_name) the ledger keeps the newest
+accepted start (the device's watermark) and the fingerprints of the accepted samples whose start lies
+within `horizon` behind it, packed: two parallel int64 arrays sorted by start (16 bytes a sample).
+
+Before a sample is sent, `decide` says what it is:
+- NEW: newer than its device's watermark (or a device never seen): sent;
+- DUPLICATE: its fingerprint is remembered: the API has it, it is not sent;
+- CORRECTION: a remembered sample of the same device has the same start but other content: sent;
+- LATE: older than the watermark but unknown: a late genuine sample, sent;
+- BEYOND: older than the horizon and unknown: nothing remembered can tell; the caller's policy decides.
+
+Only what the API accepted is recorded (`record`), never what was merely seen. Forgetting (the horizon, the
+caps, a revoked partition) can only turn a DUPLICATE into LATE or BEYOND: a duplicate sent, never a loss.
+
+State is per source partition number (a ledger record lives in the ledger topic's partition of the same
+number): a member restores and drops exactly the partitions it is assigned.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from stream.ledger_format import DeviceSamples, LedgerRecord, fingerprint, pack, unpack
+
+NEW, DUPLICATE, CORRECTION, LATE, BEYOND = "new", "duplicate", "correction", "late", "beyond_horizon"
+KINDS = (NEW, DUPLICATE, CORRECTION, LATE, BEYOND)
+
+SAMPLE_BYTES = 16  # a start and a fingerprint, int64 each
+# Resident cost of a device beyond its samples (measured with tracemalloc in the tests): the _Device, two
+# array headers, the key tuple and its strings, the dict slot.
+DEVICE_BYTES = 400
+
+DeviceKey = tuple[str, str, bytes]  # (user_id, data_type, the device_name's JSON text)
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_DEVICE_AT = len(b'{"device_name":')
+
+
+def device_of(body: bytes) -> bytes:
+    """The device_name's JSON text in a sample's API bytes (stream.schema puts it first, always present)."""
+    end = body.find(b'"', _DEVICE_AT + 1)
+    if body.find(b"\\", _DEVICE_AT, end) < 0:
+        return body[_DEVICE_AT : end + 1]
+    match = _STRING.match(body, _DEVICE_AT)
+    return match.group(0) if match else body[_DEVICE_AT:]
+
+
+class _Device:
+    __slots__ = ("prints", "starts", "watermark")
+
+    def __init__(self) -> None:
+        self.starts = array("q")  # sorted
+        self.prints = array("q")  # parallel to starts
+        self.watermark: int | None = None
+
+
+class Ledger:
+    """What the API accepted, per partition and device, bounded by a horizon and a memory budget."""
+
+    def __init__(self, horizon_ns: int, max_bytes: int, max_per_device: int) -> None:
+        self.horizon_ns = horizon_ns
+        self.max_bytes = max_bytes
+        self.max_per_device = max_per_device
+        # Every device of every partition, in order of last activity (oldest first): the order evictions follow.
+        self._devices: dict[tuple[int, DeviceKey], _Device] = {}
+        self._held: set[int] = set()  # partitions restored or recorded into
+        self.entries = 0
+        self.devices = 0
+        self.evicted = 0  # fingerprints forgotten for the memory budget or the per-device cap
+
+    @property
+    def resident_bytes(self) -> int:
+        """An estimate of the memory the state holds (within a few percent: see the tests)."""
+        return self.entries * SAMPLE_BYTES + self.devices * DEVICE_BYTES
+
+    def partitions(self) -> list[int]:
+        return sorted(self._held)
+
+    # -- deciding ---------------------------------------------------------------------------------------------
+
+    def decide(self, partition: int, key: DeviceKey, start: int, body: bytes) -> tuple[str, int]:
+        """(what the sample is, how far behind its device's watermark it starts in ns: 0 when NEW)."""
+        device = self._devices.get((partition, key))
+        if device is None or device.watermark is None or start > device.watermark:
+            return NEW, 0
+        behind = device.watermark - start
+        starts = device.starts
+        at = bisect_left(starts, start)
+        if at < len(starts) and starts[at] == start:
+            remembered = fingerprint(body)
+            prints = device.prints
+            while at < len(starts) and starts[at] == start:
+                if prints[at] == remembered:
+                    return DUPLICATE, behind
+                at += 1
+            return CORRECTION, behind
+        return (BEYOND if behind > self.horizon_ns else LATE), behind
+
+    # -- recording --------------------------------------------------------------------------------------------
+
+    def record(self, partition: int, key: DeviceKey, starts: list[int], prints: list[int]) -> None:
+        """Remember samples the API accepted (the caller writes the same to the ledger topic)."""
+        device = self._device(partition, key)
+        self._add(device, starts, prints)
+        self._bound(device)
+
+    def record_of(self, partition: int, user_id: str, data_type: str,
+                  samples: Iterable[tuple[int, bytes]], remember: bool = True) -> LedgerRecord:
+        """Record accepted samples ((start, API bytes) of one user and data type, one partition) and return the
+        ledger record to write for them (`remember=False`: only the record, for a partition no longer held)."""
+        by_device: dict[bytes, tuple[list[int], list[int]]] = {}
+        for start, body in samples:
+            starts, prints = by_device.setdefault(device_of(body), ([], []))
+            starts.append(start)
+            prints.append(fingerprint(body))
+        devices = []
+        for device, (starts, prints) in by_device.items():
+            if remember:
+                self.record(partition, (user_id, data_type, device), starts, prints)
+            devices.append(DeviceSamples(device.decode(), pack(starts), pack(prints)))
+        return LedgerRecord(user_id, data_type, devices)
+
+    def restore(self, partition: int, records: Iterable[LedgerRecord]) -> int:
+        """Rebuild a partition's state from its ledger records (any order); returns the samples read."""
+        gathered: dict[DeviceKey, tuple[array, array]] = {}
+        read = 0
+        for record in records:
+            for samples in record.devices:
+                key = (record.user_id, record.data_type, samples.device.encode())
+                starts, prints = gathered.setdefault(key, (array("q"), array("q")))
+                more = unpack(samples.starts)
+                starts.extend(more)
+                prints.extend(unpack(samples.prints))
+                read += len(more)
+        for key, (starts, prints) in gathered.items():
+            device = self._device(partition, key)
+            self._add(device, starts, prints)
+            self._bound(device)
+        return read
+
+    def drop(self, partition: int) -> None:
+        """Forget a revoked partition's state: its next owner restores it from the ledger topic."""
+        self._held.discard(partition)
+        for slot in [slot for slot in self._devices if slot[0] == partition]:
+            self._forget_device(slot)
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _device(self, partition: int, key: DeviceKey) -> _Device:
+        self._held.add(partition)
+        device = self._devices.pop((partition, key), None)  # re-inserted: the most recently active go last
+        if device is None:
+            device = _Device()
+            self.devices += 1
+        self._devices[(partition, key)] = device
+        return device
+
+    def _add(self, device: _Device, starts: Iterable[int], prints: Iterable[int]) -> None:
+        before = len(device.starts)
+        pairs = sorted(set(zip(starts, prints, strict=True)))
+        if not pairs:
+            return
+        known = device.starts
+        split = bisect_left(pairs, (known[-1] + 1,)) if known else 0  # pairs[split:] are newer than all known
+        older = pairs[:split]
+        if len(older) > 64:  # many late samples at once (a restore, a backfill): one merge
+            merged = sorted(set(zip(device.starts, device.prints, strict=True)).union(older))
+            device.starts = array("q", (s for s, _ in merged))
+            device.prints = array("q", (p for _, p in merged))
+        else:  # a few: each inserted in place (a memmove in C)
+            for start, print_ in older:
+                at = bisect_left(device.starts, start)
+                while at < len(device.starts) and device.starts[at] == start:
+                    if device.prints[at] == print_:
+                        break
+                    at += 1
+                else:
+                    device.starts.insert(at, start)
+                    device.prints.insert(at, print_)
+        device.starts.extend(s for s, _ in pairs[split:])
+        device.prints.extend(p for _, p in pairs[split:])
+        newest = device.starts[-1]
+        if device.watermark is None or newest > device.watermark:
+            device.watermark = newest
+        # What starts beyond the horizon behind the watermark is not remembered (nothing can decide on it).
+        cut = bisect_left(device.starts, device.watermark - self.horizon_ns)
+        if cut:
+            del device.starts[:cut]
+            del device.prints[:cut]
+        self.entries += len(device.starts) - before
+
+    def _bound(self, device: _Device) -> None:
+        excess = len(device.starts) - self.max_per_device
+        if excess > 0:
+            del device.starts[:excess]
+            del device.prints[:excess]
+            self.entries -= excess
+            self.evicted += excess
+        # Over the budget, the least recently active devices are forgotten whole (fingerprints and watermark):
+        # a device's remembered samples are all older than its last activity. A device forgotten whole reads
+        # as new (every sample sent), never as beyond the horizon (which a policy may dead-letter).
+        while self.resident_bytes > self.max_bytes and len(self._devices) > 1:
+            slot = next(iter(self._devices))
+            if self._devices[slot] is device:
+                break
+            self.evicted += len(self._devices[slot].starts)
+            self._forget_device(slot)
+
+    def _forget_device(self, slot: tuple[int, DeviceKey]) -> None:
+        device = self._devices.pop(slot)
+        self.devices -= 1
+        self.entries -= len(device.starts)
