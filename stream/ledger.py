@@ -21,9 +21,11 @@ number): a member restores and drops exactly the partitions it is assigned.
 
 from __future__ import annotations
 
+import heapq
 import re
 from array import array
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from stream.ledger_format import DeviceSamples, LedgerRecord, fingerprint, pack, unpack
@@ -37,6 +39,13 @@ SAMPLE_BYTES = 16  # a start and a fingerprint, int64 each
 DEVICE_BYTES = 400
 
 DeviceKey = tuple[str, str, bytes]  # (user_id, data_type, the device_name's JSON text)
+
+# What a packed int64 holds: 1677-09-21 to 2262-04-11 in epoch nanoseconds. A sample outside (the input contract
+# takes the years 1 to 9999) is sent but never remembered.
+_LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+# A start further in the future than this is not remembered: one mis-set clock must not move its device's
+# watermark years ahead, which would leave every genuine sample after it beyond the horizon.
+FUTURE_TOLERANCE_NS = 86400 * 10**9
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _DEVICE_AT = len(b'{"device_name":')
@@ -68,8 +77,9 @@ class Ledger:
         self.max_bytes = max_bytes
         self.max_per_device = max_per_device
         # Every device of every partition, in order of last activity (oldest first): the order evictions follow.
-        self._devices: dict[tuple[int, DeviceKey], _Device] = {}
-        self._held: set[int] = set()  # partitions restored or recorded into
+        self._devices: OrderedDict[tuple[int, DeviceKey], _Device] = OrderedDict()
+        self._keys: dict[int, set[DeviceKey]] = {}  # per partition: its devices (a revoke drops them at once)
+        self.unreadable = 0  # ledger records' device entries skipped at restores (not two int64 arrays of one length)
         self.entries = 0
         self.devices = 0
         self.evicted = 0  # fingerprints forgotten for the memory budget or the per-device cap
@@ -80,14 +90,14 @@ class Ledger:
         return self.entries * SAMPLE_BYTES + self.devices * DEVICE_BYTES
 
     def partitions(self) -> list[int]:
-        return sorted(self._held)
+        return sorted(self._keys)
 
     # -- deciding ---------------------------------------------------------------------------------------------
 
     def decide(self, partition: int, key: DeviceKey, start: int, body: bytes) -> tuple[str, int]:
         """(what the sample is, how far behind its device's watermark it starts in ns: 0 when NEW)."""
         device = self._devices.get((partition, key))
-        if device is None or device.watermark is None or start > device.watermark:
+        if device is None or device.watermark is None or start > device.watermark or start < _LOWEST:
             return NEW, 0
         behind = device.watermark - start
         starts = device.starts
@@ -110,12 +120,16 @@ class Ledger:
         self._add(device, starts, prints)
         self._bound(device)
 
-    def record_of(self, partition: int, user_id: str, data_type: str,
-                  samples: Iterable[tuple[int, bytes]], remember: bool = True) -> LedgerRecord:
+    def record_of(self, partition: int, user_id: str, data_type: str, samples: Iterable[tuple[int, bytes]],
+                  now_ns: int, remember: bool = True) -> LedgerRecord:
         """Record accepted samples ((start, API bytes) of one user and data type, one partition) and return the
-        ledger record to write for them (`remember=False`: only the record, for a partition no longer held)."""
+        ledger record to write for them (`remember=False`: only the record, for a partition no longer held).
+        Samples starting before 1677, after 2262 or more than FUTURE_TOLERANCE_NS after `now_ns` are left out."""
         by_device: dict[bytes, tuple[list[int], list[int]]] = {}
+        latest = min(_HIGHEST, now_ns + FUTURE_TOLERANCE_NS)
         for start, body in samples:
+            if not _LOWEST <= start <= latest:
+                continue
             starts, prints = by_device.setdefault(device_of(body), ([], []))
             starts.append(start)
             prints.append(fingerprint(body))
@@ -132,6 +146,9 @@ class Ledger:
         read = 0
         for record in records:
             for samples in record.devices:
+                if len(samples.starts) != len(samples.prints) or len(samples.starts) % 8:
+                    self.unreadable += 1  # not written by this service: skipped (forgetting costs a duplicate)
+                    continue
                 key = (record.user_id, record.data_type, samples.device.encode())
                 starts, prints = gathered.setdefault(key, (array("q"), array("q")))
                 more = unpack(samples.starts)
@@ -146,19 +163,21 @@ class Ledger:
 
     def drop(self, partition: int) -> None:
         """Forget a revoked partition's state: its next owner restores it from the ledger topic."""
-        self._held.discard(partition)
-        for slot in [slot for slot in self._devices if slot[0] == partition]:
-            self._forget_device(slot)
+        for key in list(self._keys.get(partition, ())):
+            self._forget_device((partition, key))
+        self._keys.pop(partition, None)
 
     # -- internals --------------------------------------------------------------------------------------------
 
     def _device(self, partition: int, key: DeviceKey) -> _Device:
-        self._held.add(partition)
-        device = self._devices.pop((partition, key), None)  # re-inserted: the most recently active go last
+        slot = (partition, key)
+        device = self._devices.get(slot)
         if device is None:
-            device = _Device()
+            device = self._devices[slot] = _Device()
+            self._keys.setdefault(partition, set()).add(key)
             self.devices += 1
-        self._devices[(partition, key)] = device
+        else:
+            self._devices.move_to_end(slot)  # the most recently active go last
         return device
 
     def _add(self, device: _Device, starts: Iterable[int], prints: Iterable[int]) -> None:
@@ -169,10 +188,15 @@ class Ledger:
         known = device.starts
         split = bisect_left(pairs, (known[-1] + 1,)) if known else 0  # pairs[split:] are newer than all known
         older = pairs[:split]
-        if len(older) > 64:  # many late samples at once (a restore, a backfill): one merge
-            merged = sorted(set(zip(device.starts, device.prints, strict=True)).union(older))
-            device.starts = array("q", (s for s, _ in merged))
-            device.prints = array("q", (p for _, p in merged))
+        if len(older) > 64:  # many late samples at once (a restore, a backfill): one linear merge
+            starts, prints = array("q"), array("q")
+            last = None
+            for pair in heapq.merge(zip(device.starts, device.prints, strict=True), older):
+                if pair != last:
+                    starts.append(pair[0])
+                    prints.append(pair[1])
+                    last = pair
+            device.starts, device.prints = starts, prints
         else:  # a few: each inserted in place (a memmove in C)
             for start, print_ in older:
                 at = bisect_left(device.starts, start)
@@ -214,5 +238,6 @@ class Ledger:
 
     def _forget_device(self, slot: tuple[int, DeviceKey]) -> None:
         device = self._devices.pop(slot)
+        self._keys[slot[0]].discard(slot[1])
         self.devices -= 1
         self.entries -= len(device.starts)

@@ -26,13 +26,16 @@ from stream.retry import Backoff
 log = logging.getLogger("stream.ledger")
 
 RESTORE_TIMEOUT_SECONDS = 120.0  # one partition's read; 1M remembered samples take ~0.2 s
+RESTORE_CONCURRENCY = 2  # partitions read back at once: each holds its raw records in memory while it loads
 RESTORE_CHUNK = 500  # ledger records decoded between two yields to the event loop (heartbeats, deliveries)
 
 
 class LedgerStore(Protocol):
     """The ledger topic, as the pipeline needs it (stream.ledger_store.KafkaLedgerStore; a fake in tests)."""
 
-    async def ensure(self) -> None: ...
+    async def ensure(self) -> int:
+        """Create the topic if missing (or check it); its partition count."""
+        ...
 
     async def read(self, partition: int) -> list[bytes]: ...
 
@@ -55,12 +58,15 @@ class Screened(msgspec.Struct, gc=False):
 
 class LedgerSync:
     def __init__(self, settings: Settings, metrics: Metrics, store: LedgerStore, holder: Holder,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], wall: Callable[[], float]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.store = store
         self.holder = holder
         self.clock = clock
+        self.wall = wall
+        self.partition_count: int | None = None  # the ledger topic's, once ensured
+        self.uncovered: set[int] = set()  # assigned partition numbers the ledger topic has no partition for
         self.shadow = settings.ledger == "shadow"
         self.ledger = Ledger(
             int(settings.ledger_horizon_seconds * 1e9),
@@ -71,19 +77,29 @@ class LedgerSync:
         self._restoring: dict[int, asyncio.Task[None]] = {}
         self._assigned: set[TopicPartition] = set()
         self._evicted = 0
+        self._restores = asyncio.Semaphore(RESTORE_CONCURRENCY)
         self._rng = random.Random()
         metrics.ledger_entries.set_function(lambda: self.ledger.entries)
         metrics.ledger_bytes.set_function(lambda: self.ledger.resident_bytes)
 
     async def ensure(self) -> None:
-        await self.store.ensure()
+        self.partition_count = await self.store.ensure()
 
     # -- assignment -------------------------------------------------------------------------------------------
 
     def assigned(self, tps: list[TopicPartition]) -> None:
         """Hold back newly assigned partitions whose ledger state is not restored, and restore it."""
         self._assigned.update(tps)
-        waiting = [tp for tp in tps if tp.partition not in self.ready]
+        count = self.partition_count
+        beyond = sorted({tp.partition for tp in tps if count is not None and tp.partition >= count})
+        if beyond:
+            # An input topic grew (or a pending topic was created wider) after the start checked the ledger
+            # topic: these partitions cannot be remembered; they are sent at least once, never held for good.
+            self.uncovered.update(beyond)
+            log.error("the ledger topic has fewer partitions than an input topic: no ledger for some partitions",
+                      extra={"event": "ledger_uncovered", "partitions": ",".join(map(str, beyond)),
+                             "ledger_partitions": count})
+        waiting = [tp for tp in tps if tp.partition not in self.ready and tp.partition not in self.uncovered]
         if not waiting:
             return
         self.holder.hold(waiting)
@@ -108,6 +124,10 @@ class LedgerSync:
         self._restoring.clear()
 
     async def _restore(self, number: int) -> None:
+        async with self._restores:
+            await self._restore_one(number)
+
+    async def _restore_one(self, number: int) -> None:
         backoff = Backoff(self.settings.retry_backoff_first_seconds, self.settings.retry_backoff_max_seconds)
         attempt = 0
         while True:
@@ -122,15 +142,19 @@ class LedgerSync:
                                                                       "error": type(exc).__name__})
                 await asyncio.sleep(backoff.delay(attempt, None, self._rng))
         samples = unreadable = 0
-        for first in range(0, len(values), RESTORE_CHUNK):
-            records = []
-            for value in values[first : first + RESTORE_CHUNK]:
-                try:
-                    records.append(decode_record(value))
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    unreadable += 1
-            samples += self.ledger.restore(number, records)
-            await asyncio.sleep(0)  # a large restore must not stall deliveries or the group's heartbeats
+        try:
+            for first in range(0, len(values), RESTORE_CHUNK):
+                records = []
+                for value in values[first : first + RESTORE_CHUNK]:
+                    try:
+                        records.append(decode_record(value))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        unreadable += 1
+                samples += self.ledger.restore(number, records)
+                await asyncio.sleep(0)  # a large restore must not stall deliveries or the group's heartbeats
+        except Exception:  # a bug or a record nobody foresaw: what is restored stays, the partition goes on
+            log.exception("ledger restore failed part-way; going on with what was read",
+                          extra={"event": "ledger_restore_error", "partition": number})
         seconds = self.clock() - started
         self._count_evictions()
         self.ready.add(number)
@@ -184,11 +208,17 @@ class LedgerSync:
         for entry in accepted:
             by_partition.setdefault(entry.source.tp.partition, []).append(entry)
         writes = []
+        now = int(self.wall() * 1e9)
         for number, entries in by_partition.items():
+            if number in self.uncovered:
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                writes.append((done, entries))
+                continue
             # A partition revoked meanwhile is not remembered here (its next owner restores it from the
             # topic), but still written: the API has these samples.
             record = self.ledger.record_of(number, user_id, data_type, [(e.start, e.body) for e in entries],
-                                           remember=number in self.ready)
+                                           now, remember=number in self.ready)
             key, value = encode_record(record)
             writes.append((writer.write(self.settings.ledger_topic, key, value, [], partition=number), entries))
         self._count_evictions()
@@ -207,12 +237,12 @@ class KafkaLedgerStore:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    async def ensure(self) -> None:
+    async def ensure(self) -> int:
         from stream.kafka_options import kafka_client_options
         from stream.ledger_store import ensure_ledger_topic
 
         s = self._settings
-        await ensure_ledger_topic(kafka_client_options(s), s.ledger_topic, list(s.input_topics),
+        return await ensure_ledger_topic(kafka_client_options(s), s.ledger_topic, list(s.input_topics),
                                   s.ledger_horizon_seconds)
 
     async def read(self, partition: int) -> list[bytes]:

@@ -107,7 +107,7 @@ class Pipeline:
         self.ledger: LedgerSync | None = None
         if settings.ledger != "off":
             store = ledger_store or KafkaLedgerStore(settings)
-            self.ledger = LedgerSync(settings, self.metrics, store, self.source, clock)
+            self.ledger = LedgerSync(settings, self.metrics, store, self.source, clock, wall)
         self._deliveries: dict[asyncio.Task[None], Batch] = {}
         self._in_flight_samples = 0
         self._acks: set[asyncio.Future[None]] = set()  # dead-letter and parking writes not yet acknowledged
@@ -446,7 +446,17 @@ class Pipeline:
             return
         if not accepted:
             return
-        for written, entries in self.ledger.record(self.writer, key[0], key[1], accepted):
+        try:
+            writes = self.ledger.record(self.writer, key[0], key[1], accepted)
+        except Exception:  # never let the ledger hold back what the API accepted: at worst a later duplicate
+            log.exception("recording accepted samples in the ledger failed", extra={"event": "ledger_record_error"})
+            writes = []
+            for entry in accepted:
+                entry.source.ack(entry.offset)
+            for parts in copies.values():
+                for state, offset in parts:
+                    state.ack(offset)
+        for written, entries in writes:
             parts = [(e.source, e.offset) for e in entries]
             for entry in entries:
                 parts.extend(copies.get(id(entry), ()))

@@ -3,6 +3,7 @@ API has not accepted is ever taken for a duplicate: forgetting may cost a duplic
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from stream.schema import decode_record as decode_input
 
 HOUR = 3600 * 10**9
 HORIZON = 72 * HOUR
+NOW = 2**62  # far after every start used here
 
 
 def body(start: int, value: int = 14, device: str = '"iPhone"') -> bytes:
@@ -30,7 +32,7 @@ KEY = ("u1", "steps", b'"iPhone"')
 
 
 def accept(book: Ledger, starts: list[int], partition: int = 0, value: int = 14, user: str = "u1") -> None:
-    book.record_of(partition, user, "steps", [(s, body(s, value)) for s in starts])
+    book.record_of(partition, user, "steps", [(s, body(s, value)) for s in starts], NOW)
 
 
 def test_a_device_never_seen_sends_everything():
@@ -148,7 +150,7 @@ def test_a_remembered_sample_costs_at_most_16_bytes_and_a_device_its_estimate():
 
 def test_a_restore_from_the_ledger_records_decides_as_the_ledger_that_wrote_them():
     book = ledger()
-    written = [book.record_of(0, "u1", "steps", [(s, body(s, v)) for s in starts])
+    written = [book.record_of(0, "u1", "steps", [(s, body(s, v)) for s in starts], NOW)
                for starts, v in (([HOUR, 2 * HOUR], 14), ([5 * HOUR], 3), ([3 * HOUR, 4 * HOUR], 7))]
     values = [encode_record(record)[1] for record in written]
 
@@ -164,8 +166,8 @@ def test_a_restore_from_the_ledger_records_decides_as_the_ledger_that_wrote_them
 
 def test_the_same_batch_recorded_twice_is_one_ledger_key():
     book = ledger()
-    first = encode_record(book.record_of(0, "u1", "steps", [(HOUR, body(HOUR))]))
-    again = encode_record(book.record_of(0, "u1", "steps", [(HOUR, body(HOUR))]))
+    first = encode_record(book.record_of(0, "u1", "steps", [(HOUR, body(HOUR))], NOW))
+    again = encode_record(book.record_of(0, "u1", "steps", [(HOUR, body(HOUR))], NOW))
 
     assert first == again
 
@@ -212,7 +214,7 @@ def test_nothing_unaccepted_is_ever_a_duplicate_and_nothing_remembered_is_sent_a
     accepted: dict[int, set[tuple[str, int, int]]] = {0: set(), 1: set()}  # what the API has, per partition
     for kind, partition, user, samples in ops:
         if kind == "accept":
-            book.record_of(partition, user, "steps", [(s, body(s, v)) for s, v in samples])
+            book.record_of(partition, user, "steps", [(s, body(s, v)) for s, v in samples], NOW)
             accepted[partition] |= {(user, s, v) for s, v in samples}
         elif kind == "drop":
             book.drop(partition)
@@ -229,3 +231,50 @@ def test_nothing_unaccepted_is_ever_a_duplicate_and_nothing_remembered_is_sent_a
     assert book.entries == sum(len(d.starts) for d in book._devices.values())
     if budget < 1 << 20:
         assert book.resident_bytes <= budget or book.devices == 1
+
+
+def test_a_start_far_in_the_future_moves_no_watermark_and_later_genuine_samples_are_remembered():
+    book = ledger()
+    now = 10 * HOUR
+    book.record_of(0, "u1", "steps", [(HOUR, body(HOUR)), (10**18 * 3, body(10**18 * 3))], now)  # a clock in 2065
+    book.record_of(0, "u1", "steps", [(2 * HOUR, body(2 * HOUR))], now)
+
+    assert book.decide(0, KEY, HOUR, body(HOUR))[0] == DUPLICATE
+    assert book.decide(0, KEY, 2 * HOUR, body(2 * HOUR))[0] == DUPLICATE
+    assert book.decide(0, KEY, 10**18 * 3, body(10**18 * 3))[0] == NEW  # not remembered: sent again if re-sent
+
+
+def test_starts_outside_what_int64_holds_are_sent_and_never_break_the_state():
+    book = ledger()
+    year_9999, year_1 = 253_402_300_799 * 10**9, -62_135_596_800 * 10**9
+    record = book.record_of(0, "u1", "steps", [(HOUR, body(HOUR)), (year_9999, body(year_9999)),
+                                               (year_1, body(year_1))], 2**63 - 1)
+
+    assert [len(d.starts) // 8 for d in record.devices] == [1]
+    assert book.entries == 1
+    assert book.decide(0, KEY, year_1, body(year_1))[0] == NEW
+    assert book.decide(0, KEY, year_9999, body(year_9999))[0] == NEW
+    assert book.decide(0, KEY, HOUR, body(HOUR))[0] == DUPLICATE
+
+
+def test_a_restore_skips_device_entries_that_are_not_two_int64_arrays_of_one_length():
+    from stream.ledger_format import DeviceSamples, LedgerRecord, pack
+
+    good = DeviceSamples('"iPhone"', pack([HOUR]), pack([fingerprint(body(HOUR))]))
+    bad = [DeviceSamples('"a"', b"1234567", b"1234567"), DeviceSamples('"b"', pack([1, 2]), pack([1]))]
+    book = ledger()
+
+    assert book.restore(0, [LedgerRecord("u1", "steps", [*bad, good])]) == 1
+    assert book.unreadable == 2
+    assert book.decide(0, KEY, HOUR, body(HOUR))[0] == DUPLICATE
+
+
+def test_evicting_many_devices_costs_linear_time():
+    book = ledger(max_bytes=20_000 * (DEVICE_BYTES + 16))
+    started = time.perf_counter()
+    for device in range(100_000):
+        book.record(0, (f"user-{device}", "steps", b'"iPhone"'), [HOUR], [device])
+    took = time.perf_counter() - started
+
+    assert book.devices <= 20_000 and book.evicted == 80_000
+    assert took < 5.0, took  # the least recently active found in O(1): about 1 s here; quadratic took minutes
