@@ -17,7 +17,7 @@ import msgspec
 
 from stream.batching import Entry
 from stream.config import Settings
-from stream.ledger import BEYOND, DUPLICATE, NEW, Ledger, device_of
+from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, Ledger, device_of
 from stream.ledger_format import decode_record, encode_record
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
@@ -173,7 +173,7 @@ class LedgerSync:
     def screen(self, user_id: str, data_type: str, entries: list[Entry]) -> Screened:
         """What of a batch goes to the API: not the samples it already accepted (in shadow mode: everything)."""
         ledger = self.ledger
-        counts = dict.fromkeys(("new", "duplicate", "correction", "late", "beyond_horizon"), 0)
+        counts = dict.fromkeys(KINDS, 0)
         out = Screened([], [], [])
         lateness = []
         dead_letter_beyond = self.settings.ledger_beyond_horizon == "dead_letter"

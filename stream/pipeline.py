@@ -437,20 +437,14 @@ class Pipeline:
                      copies: dict[int, list[tuple[PartitionOffsets, int]]]) -> None:
         """Accepted samples (and the copies that rode with them) are done: at once, or with the ledger on, once
         Kafka acknowledged their ledger record (a commit passing them before would forget them at a restart)."""
-        if self.ledger is None:
-            for entry in accepted:
-                entry.source.ack(entry.offset)
-            for parts in copies.values():
-                for state, offset in parts:
-                    state.ack(offset)
-            return
-        if not accepted:
-            return
-        try:
-            writes = self.ledger.record(self.writer, key[0], key[1], accepted)
-        except Exception:  # never let the ledger hold back what the API accepted: at worst a later duplicate
-            log.exception("recording accepted samples in the ledger failed", extra={"event": "ledger_record_error"})
-            writes = []
+        writes = []
+        if self.ledger is not None and accepted:
+            try:
+                writes = self.ledger.record(self.writer, key[0], key[1], accepted)
+            except Exception:  # never let the ledger hold back what the API accepted: at worst a later duplicate
+                log.exception("recording accepted samples in the ledger failed",
+                              extra={"event": "ledger_record_error"})
+        if not writes:
             for entry in accepted:
                 entry.source.ack(entry.offset)
             for parts in copies.values():
