@@ -124,10 +124,10 @@ class KafkaWriter:
             stopping.cancel()
 
     def write(self, topic: str, key: bytes | None, value: bytes, headers: Headers,
-              partition: int | None = None) -> asyncio.Future[None]:
-        """Queue a write (to `partition`, or the key's); the future resolves once Kafka acknowledged it (after as
-        many retries as needed)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+              partition: int | None = None) -> asyncio.Future[int]:
+        """Queue a write (to `partition`, or the key's); the future resolves to the record's offset once Kafka
+        acknowledged it (after as many retries as needed)."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         write = _Write(topic, key, value, headers, done, partition)
         self._queue.append(write)
         self.pending += 1
@@ -182,7 +182,7 @@ class KafkaWriter:
         self.pending -= 1
         self.pending_bytes -= write.size
         if not write.done.done():
-            write.done.set_result(None)
+            write.done.set_result(delivery.result().offset)
 
     def _failed(self, write: _Write, error: KafkaError | None) -> None:
         """Back to the front of the queue; the pump pauses once for everything that failed together."""

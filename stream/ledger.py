@@ -161,6 +161,17 @@ class Ledger:
             self._bound(device)
         return read
 
+    def forget(self, partition: int, user_id: str, data_type: str | None = None) -> int:
+        """Forget a user's devices in a partition (of one data type, if given): `stream ledger forget` wrote
+        tombstones for them. Returns the samples forgotten (not counted as evictions: an operator asked)."""
+        keys = [key for key in self._keys.get(partition, ()) if key[0] == user_id
+                and (data_type is None or key[1] == data_type)]
+        forgotten = 0
+        for key in keys:
+            forgotten += len(self._devices[(partition, key)].starts)
+            self._forget_device((partition, key))
+        return forgotten
+
     def drop(self, partition: int) -> None:
         """Forget a revoked partition's state: its next owner restores it from the ledger topic."""
         for key in list(self._keys.get(partition, ())):

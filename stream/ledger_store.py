@@ -183,11 +183,21 @@ class Restored:
     end_offset: int  # the partition's end when the read began; the read covers the offsets below it
 
 
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """A ledger partition's records from an offset on, in order, tombstones included (how a member that holds
+    the partition learns what others wrote to it: `stream ledger forget`, or a member that held it meanwhile)."""
+
+    records: list[tuple[int, bytes | None, bytes | None]]  # (offset, key, value); value None: a tombstone
+    end_offset: int  # the partition's end when the read began; the read covers the offsets below it
+
+
 @dataclass(slots=True)
 class _Partition:
     end_offset: int
     latest: dict[bytes, bytes] = field(default_factory=dict)
     records: int = 0
+    ordered: list[tuple[int, bytes | None, bytes | None]] | None = None  # every record, when a Tail is read
 
 
 async def read_partition(options: dict, topic: str, partition: int, *, timeout: float | None = None) -> Restored:
@@ -202,15 +212,51 @@ async def read_partition(options: dict, topic: str, partition: int, *, timeout: 
     return Restored(list(part.latest.values()), part.records, time.monotonic() - started, part.end_offset)
 
 
+async def read_since(options: dict, topic: str, partition: int, start: int, *, timeout: float | None = None) -> Tail:
+    """Read one ledger partition from offset `start` (or its beginning, if compaction or retention removed that
+    offset) to its end as of now, every record in order. Raises TimeoutError after `timeout` seconds."""
+    [part] = (await _read_to_end(options, topic, [partition], since=start, timeout=timeout)).values()
+    assert part.ordered is not None
+    return Tail(part.ordered, part.end_offset)
+
+
+class EndOffsets:
+    """The ledger partitions' end offsets, asked often (a member compares them with its own writes to learn
+    whether anyone else wrote): one client kept for the process, not a connection per question."""
+
+    def __init__(self, options: dict, topic: str) -> None:
+        self._options = options
+        self._topic = topic
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def ends(self, partitions: list[int], *, timeout: float) -> dict[int, int]:
+        async with asyncio.timeout(timeout):
+            if self._consumer is None:
+                consumer = AIOKafkaConsumer(**self._options, group_id=None, enable_auto_commit=False,
+                                            isolation_level="read_committed")
+                await consumer.start()
+                self._consumer = consumer
+            tps = [TopicPartition(self._topic, p) for p in partitions]
+            ends = await self._consumer.end_offsets(tps)
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+
 async def _read_to_end(
     options: dict,
     topic: str,
     partitions: list[int],
     *,
     keep: Callable[[bytes | None], bool] | None = None,
+    since: int | None = None,
     timeout: float | None = None,
 ) -> dict[int, _Partition]:
     """Latest value per key of each partition, up to the end offsets captured first; only keys `keep` accepts.
+    With `since`, every record from that offset on instead, in order (`_Partition.ordered`).
 
     Loops on the position, not on a count: compaction leaves gaps in the offsets, and transaction markers take
     offsets no record is returned for.
@@ -228,11 +274,14 @@ async def _read_to_end(
             tps = [TopicPartition(topic, p) for p in partitions]
             ends = await consumer.end_offsets(tps)
             firsts = await consumer.beginning_offsets(tps)
-            out = {tp.partition: _Partition(end_offset=ends[tp]) for tp in tps}
-            remaining = {tp for tp in tps if ends[tp] > firsts[tp]}
+            out = {tp.partition: _Partition(end_offset=ends[tp], ordered=None if since is None else [])
+                   for tp in tps}
+            starts = {tp: max(firsts[tp], since or 0) for tp in tps}
+            remaining = {tp for tp in tps if ends[tp] > starts[tp]}
             if remaining:
                 consumer.assign(list(remaining))
-                await consumer.seek_to_beginning(*remaining)
+                for tp in remaining:
+                    consumer.seek(tp, starts[tp])
             while remaining:
                 batches = await consumer.getmany(*remaining, timeout_ms=_POLL_MS, max_records=_RESTORE_MAX_RECORDS)
                 for tp, records in batches.items():
@@ -253,6 +302,9 @@ def _apply(part: _Partition, records: Iterable, keep: Callable[[bytes | None], b
             break  # written after the read began
         part.records += 1
         if keep is not None and not keep(record.key):
+            continue
+        if part.ordered is not None:
+            part.ordered.append((record.offset, record.key, record.value))
             continue
         if record.value is None:
             latest.pop(record.key, None)
@@ -323,8 +375,8 @@ async def forget_user(
 ) -> int:
     """Tombstone every live ledger record of a user (of one data type if given); returns how many.
 
-    A running service keeps what it restored until its next restore (a rebalance or restart), and a record it
-    writes while this runs is not forgotten: stop the service first to forget a user for good.
+    Running members apply the tombstones of the partitions they hold within stream.ledger_sync.FOLLOW_SECONDS;
+    what the API accepts of the user afterwards is remembered again.
     """
     found = await find_user_records(options, topic, user_id, data_type, timeout=timeout)
     return await write_tombstones(options, topic, found)
@@ -478,7 +530,7 @@ def _forget(options: dict, topic: str, args: argparse.Namespace) -> int:
             return 1
     written = asyncio.run(write_tombstones(options, topic, found))
     print(
-        f"wrote {written} tombstones to {topic} for {_scope(args)}; a running service still remembers them "
-        "until its next restore (a rebalance or restart)"
+        f"wrote {written} tombstones to {topic} for {_scope(args)}; running replicas forget the user within "
+        "about 5 s: wait that long before a full re-sync"
     )
     return 0

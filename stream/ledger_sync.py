@@ -8,26 +8,36 @@ holds the glue the pipeline calls: which partitions are restored, which wait, wh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from stream.batching import Entry
 from stream.config import Settings
 from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, Ledger, device_of
-from stream.ledger_format import decode_record, encode_record
+from stream.ledger_format import decode_key, decode_record, encode_record
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
 from stream.retry import Backoff
+
+if TYPE_CHECKING:
+    from stream.ledger_store import Restored, Tail
 
 log = logging.getLogger("stream.ledger")
 
 RESTORE_TIMEOUT_SECONDS = 120.0  # one partition's read; 1M remembered samples take ~0.2 s
 RESTORE_CONCURRENCY = 2  # partitions read back at once: each holds its raw records in memory while it loads
 RESTORE_CHUNK = 500  # ledger records decoded between two yields to the event loop (heartbeats, deliveries)
+# How often a member asks for its ledger partitions' end offsets to learn whether anyone else wrote to them (a
+# `stream ledger forget`, a member that held a partition too): a forget reaches running members within this.
+FOLLOW_SECONDS = 5.0
+END_OFFSETS_TIMEOUT_SECONDS = 30.0
+
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 class LedgerStore(Protocol):
@@ -37,7 +47,17 @@ class LedgerStore(Protocol):
         """Create the topic if missing (or check it); its partition count."""
         ...
 
-    async def read(self, partition: int) -> list[bytes]: ...
+    async def read(self, partition: int) -> Restored:
+        """The partition's live records (latest per key) up to its end as of now."""
+        ...
+
+    async def read_since(self, partition: int, start: int) -> Tail:
+        """Every record of the partition from offset `start` to its end as of now, in order."""
+        ...
+
+    async def end_offsets(self, partitions: list[int]) -> dict[int, int]: ...
+
+    async def close(self) -> None: ...
 
 
 class Holder(Protocol):
@@ -57,6 +77,16 @@ class Screened(msgspec.Struct, gc=False):
 
 
 class LedgerSync:
+    """Which ledger partitions this member holds, and how their state follows the topic.
+
+    Per partition number held: the state (in `ledger`), the ledger offset up to which it reflects the topic
+    (`_position`), and the offsets of this member's own writes at or past it that are already in the state
+    (`_own`). Every FOLLOW_SECONDS the end offsets tell whether anyone else wrote: when the offsets between the
+    position and the end are all ours, nothing to read; otherwise the records from the position on are read and
+    applied (tombstones forget the user, others' records are merged). A partition revoked is kept (`_parked`)
+    until the next assignment says whether it comes back: then only what was written since is read.
+    """
+
     def __init__(self, settings: Settings, metrics: Metrics, store: LedgerStore, holder: Holder,
                  clock: Callable[[], float], wall: Callable[[], float]) -> None:
         self.settings = settings
@@ -76,6 +106,14 @@ class LedgerSync:
         self.ready: set[int] = set()  # partition numbers whose ledger state is restored
         self._restoring: dict[int, asyncio.Task[None]] = {}
         self._assigned: set[TopicPartition] = set()
+        self._parked: set[int] = set()  # revoked, state kept until the next assignment
+        self._position: dict[int, int] = {}
+        self._own: dict[int, set[int]] = {}
+        self._states = 0  # a new number for each state built (own writes acknowledged later name the one they fed)
+        self._state_of: dict[int, int] = {}
+        self._changes = 0  # assignments and revokes so far: a follow that saw one while reading drops its read
+        self._next_follow = 0.0
+        self._following: asyncio.Task[None] | None = None
         self._evicted = 0
         self._restores = asyncio.Semaphore(RESTORE_CONCURRENCY)
         self._rng = random.Random()
@@ -88,7 +126,9 @@ class LedgerSync:
     # -- assignment -------------------------------------------------------------------------------------------
 
     def assigned(self, tps: list[TopicPartition]) -> None:
-        """Hold back newly assigned partitions whose ledger state is not restored, and restore it."""
+        """Hold back newly assigned partitions whose ledger state is not restored, and restore it (or, for one
+        this member held before the rebalance, read what was written since)."""
+        self._changes += 1
         self._assigned.update(tps)
         count = self.partition_count
         beyond = sorted({tp.partition for tp in tps if count is not None and tp.partition >= count})
@@ -99,15 +139,22 @@ class LedgerSync:
             log.error("the ledger topic has fewer partitions than an input topic: no ledger for some partitions",
                       extra={"event": "ledger_uncovered", "partitions": ",".join(map(str, beyond)),
                              "ledger_partitions": count})
+        # A rebalance revokes everything, then assigns the new set: what did not come back is let go now.
+        for number in self._parked - {tp.partition for tp in self._assigned}:
+            self._drop(number)
         waiting = [tp for tp in tps if tp.partition not in self.ready and tp.partition not in self.uncovered]
         if not waiting:
             return
         self.holder.hold(waiting)
         for number in sorted({tp.partition for tp in waiting} - set(self._restoring)):
-            self._restoring[number] = asyncio.ensure_future(self._restore(number))
+            kept = number in self._parked
+            self._parked.discard(number)
+            self._restoring[number] = asyncio.ensure_future(self._catch_up(number) if kept else self._restore(number))
 
     def revoked(self, tps: list[TopicPartition]) -> None:
-        """Forget the state of partition numbers no longer assigned in any topic (their next owner restores)."""
+        """Partition numbers no longer assigned in any topic: their state is kept until the next assignment
+        (most come back to the same member), or forgotten if it was not restored yet."""
+        self._changes += 1
         self._assigned.difference_update(tps)
         self.holder.forget(tps)
         kept = {tp.partition for tp in self._assigned}
@@ -115,32 +162,40 @@ class LedgerSync:
             task = self._restoring.pop(number, None)
             if task is not None:
                 task.cancel()
-            self.ready.discard(number)
-            self.ledger.drop(number)
+                self._drop(number)
+            elif number in self.ready:
+                self.ready.discard(number)
+                self._parked.add(number)
 
-    def close(self) -> None:
-        for task in self._restoring.values():
+    def _drop(self, number: int) -> None:
+        self.ready.discard(number)
+        self._parked.discard(number)
+        self._position.pop(number, None)
+        self._own.pop(number, None)
+        self._state_of.pop(number, None)
+        self.ledger.drop(number)
+
+    async def close(self) -> None:
+        tasks = [*self._restoring.values(), *([self._following] if self._following is not None else [])]
+        for task in tasks:
             task.cancel()
         self._restoring.clear()
+        try:
+            async with asyncio.timeout(5.0):
+                await self.store.close()
+        except Exception as exc:  # leaving is best effort
+            log.warning("the ledger's client did not stop cleanly", extra={"event": "ledger_close_error",
+                                                                           "error": type(exc).__name__})
 
     async def _restore(self, number: int) -> None:
         async with self._restores:
             await self._restore_one(number)
 
     async def _restore_one(self, number: int) -> None:
-        backoff = Backoff(self.settings.retry_backoff_first_seconds, self.settings.retry_backoff_max_seconds)
-        attempt = 0
-        while True:
-            started = self.clock()
-            try:
-                values = await self.store.read(number)
-                break
-            except Exception as exc:  # any failure to read: the partition waits, retried
-                attempt += 1
-                log.warning("ledger restore failed; retrying", extra={"event": "ledger_restore_failed",
-                                                                      "partition": number,
-                                                                      "error": type(exc).__name__})
-                await asyncio.sleep(backoff.delay(attempt, None, self._rng))
+        started = self.clock()
+        restored = await self._retrying(number, lambda: self.store.read(number))
+        values = restored.values
+        self._new_state(number, restored.end_offset)
         samples = unreadable = 0
         try:
             for first in range(0, len(values), RESTORE_CHUNK):
@@ -148,7 +203,7 @@ class LedgerSync:
                 for value in values[first : first + RESTORE_CHUNK]:
                     try:
                         records.append(decode_record(value))
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except _DECODE_ERRORS:
                         unreadable += 1
                 samples += self.ledger.restore(number, records)
                 await asyncio.sleep(0)  # a large restore must not stall deliveries or the group's heartbeats
@@ -156,9 +211,6 @@ class LedgerSync:
             log.exception("ledger restore failed part-way; going on with what was read",
                           extra={"event": "ledger_restore_error", "partition": number})
         seconds = self.clock() - started
-        self._count_evictions()
-        self.ready.add(number)
-        del self._restoring[number]
         self.metrics.ledger_restore_seconds.observe(seconds)
         self.metrics.ledger_restored.inc(samples)
         if unreadable:
@@ -166,7 +218,145 @@ class LedgerSync:
                                                                     "partition": number, "records": unreadable})
         log.info("ledger restored", extra={"event": "ledger_restored", "partition": number, "records": len(values),
                                            "samples": samples, "seconds": round(seconds, 3)})
+        self._ready(number)
+
+    async def _catch_up(self, number: int) -> None:
+        """A partition that comes back after a rebalance: its state stayed; read only what others wrote since."""
+        async with self._restores:
+            started = self.clock()
+            tail = await self._retrying(number, lambda: self.store.read_since(number, self._position[number]))
+            try:
+                records = await self._apply_tail(number, tail)
+            except Exception:  # as for a restore: what is applied stays, the partition goes on
+                log.exception("ledger catch-up failed part-way; going on with what was read",
+                              extra={"event": "ledger_restore_error", "partition": number})
+                records = 0
+            self.metrics.ledger_kept.inc()
+            log.info("ledger kept and caught up", extra={"event": "ledger_caught_up", "partition": number,
+                                                         "records": records,
+                                                         "seconds": round(self.clock() - started, 3)})
+            self._ready(number)
+
+    async def _retrying(self, number: int, read: Callable):
+        """A read of the ledger topic, until it succeeds (the partition waits meanwhile)."""
+        backoff = Backoff(self.settings.retry_backoff_first_seconds, self.settings.retry_backoff_max_seconds)
+        attempt = 0
+        while True:
+            try:
+                return await read()
+            except Exception as exc:  # any failure to read: the partition waits, retried
+                attempt += 1
+                log.warning("ledger restore failed; retrying", extra={"event": "ledger_restore_failed",
+                                                                      "partition": number,
+                                                                      "error": type(exc).__name__})
+                await asyncio.sleep(backoff.delay(attempt, None, self._rng))
+
+    def _new_state(self, number: int, position: int) -> None:
+        self._states += 1
+        self._state_of[number] = self._states
+        self._position[number] = position
+        self._own[number] = set()
+
+    def _ready(self, number: int) -> None:
+        self._count_evictions()
+        self.ready.add(number)
+        del self._restoring[number]
         self.holder.release([tp for tp in self._assigned if tp.partition == number])
+
+    # -- following the topic ----------------------------------------------------------------------------------
+
+    def follow_due(self, now: float) -> None:
+        """Called at every step of the pipeline: every FOLLOW_SECONDS, look for others' writes (in the background)."""
+        if now < self._next_follow or (self._following is not None and not self._following.done()):
+            return
+        self._next_follow = now + FOLLOW_SECONDS
+        self._following = asyncio.ensure_future(self.follow())
+
+    async def follow(self) -> int:
+        """Apply what others wrote to the ledger partitions held since the last look; returns the records read."""
+        numbers = sorted(self.ready - self.uncovered)
+        if not numbers:
+            return 0
+        try:
+            async with asyncio.timeout(END_OFFSETS_TIMEOUT_SECONDS):
+                ends = await self.store.end_offsets(numbers)
+        except Exception as exc:  # the next look tries again
+            log.warning("cannot read the ledger's end offsets", extra={"event": "ledger_follow_failed",
+                                                                        "error": type(exc).__name__})
+            return 0
+        read = 0
+        for number in numbers:
+            if number not in self.ready or number not in ends or self._caught_up(number, ends[number]):
+                continue
+            changes = self._changes
+            try:
+                tail = await self.store.read_since(number, self._position[number])
+            except Exception as exc:
+                log.warning("cannot read the ledger", extra={"event": "ledger_follow_failed", "partition": number,
+                                                             "error": type(exc).__name__})
+                continue
+            if changes != self._changes:  # a rebalance meanwhile: the assignment makes its own reads
+                continue
+            try:
+                read += await self._apply_tail(number, tail)
+            except Exception:
+                log.exception("applying others' ledger records failed", extra={"event": "ledger_follow_error",
+                                                                               "partition": number})
+        return read
+
+    def _caught_up(self, number: int, end: int) -> bool:
+        """Whether the offsets from the position up to `end` are all this member's own writes (moves past them)."""
+        own, position = self._own[number], self._position[number]
+        while position < end and position in own:
+            own.discard(position)
+            position += 1
+        self._position[number] = position
+        return position >= end
+
+    async def _apply_tail(self, number: int, tail: Tail) -> int:
+        """Apply records read from the position on: tombstones forget their user (and data type), others'
+        records are merged. This member's own records are already in the state, unless a tombstone comes
+        first: then everything is applied in order (a write after the forget is remembered, one before it not)."""
+        own = self._own[number]
+        in_order = any(value is None for _, _, value in tail.records)
+        foreign = tombstones = unreadable = 0
+        for at, (offset, key, value) in enumerate(tail.records):
+            if at % RESTORE_CHUNK == RESTORE_CHUNK - 1:
+                await asyncio.sleep(0)
+            mine = offset in own
+            if mine and not in_order:
+                continue
+            try:
+                if value is None:
+                    ledger_key = decode_key(key or b"")
+                    self.ledger.forget(number, ledger_key.user_id, ledger_key.data_type)
+                    tombstones += 1
+                else:
+                    self.ledger.restore(number, [decode_record(value)])
+                    foreign += not mine
+            except _DECODE_ERRORS:
+                unreadable += 1
+        self._position[number] = max(self._position[number], tail.end_offset)
+        self._own[number] = {offset for offset in own if offset >= tail.end_offset}
+        self._count_evictions()
+        if foreign:
+            self.metrics.ledger_foreign.labels("record").inc(foreign)
+        if tombstones:
+            self.metrics.ledger_foreign.labels("tombstone").inc(tombstones)
+            log.info("ledger tombstones applied", extra={"event": "ledger_forgotten", "partition": number,
+                                                         "tombstones": tombstones})
+        if unreadable:
+            log.warning("unreadable ledger records skipped", extra={"event": "ledger_unreadable",
+                                                                    "partition": number, "records": unreadable})
+        return len(tail.records)
+
+    def pending_partition(self, entries: list[Entry]) -> int | None:
+        """Where to park samples: the pending partition of their source partition's number, so that they are
+        screened and recorded against the ledger partition that knows their device when they come back (with
+        the co-partitioning assignor this member holds it whenever the pending topic has one); None (the
+        user id's hash) when this member does not hold it."""
+        number = entries[0].source.tp.partition
+        return number if TopicPartition(self.settings.pending_topic, number) in self._assigned else None
 
     # -- before sending ---------------------------------------------------------------------------------------
 
@@ -217,12 +407,23 @@ class LedgerSync:
                 continue
             # A partition revoked meanwhile is not remembered here (its next owner restores it from the
             # topic), but still written: the API has these samples.
+            remember = number in self.ready
             record = self.ledger.record_of(number, user_id, data_type, [(e.start, e.body) for e in entries],
-                                           now, remember=number in self.ready)
+                                           now, remember=remember)
             key, value = encode_record(record)
-            writes.append((writer.write(self.settings.ledger_topic, key, value, [], partition=number), entries))
+            written = writer.write(self.settings.ledger_topic, key, value, [], partition=number)
+            if remember:  # in the state already: its offset is ours (a follow need not read it back)
+                written.add_done_callback(functools.partial(self._written, number, self._state_of.get(number)))
+            writes.append((written, entries))
         self._count_evictions()
         return writes
+
+    def _written(self, number: int, state: int | None, written: asyncio.Future) -> None:
+        if written.cancelled() or written.exception() is not None or self._state_of.get(number) != state:
+            return
+        offset = written.result()
+        if isinstance(offset, int) and offset >= self._position.get(number, offset):
+            self._own[number].add(offset)
 
     def _count_evictions(self) -> None:
         evicted = self.ledger.evicted
@@ -235,21 +436,34 @@ class KafkaLedgerStore:
     """The ledger topic on the service's Kafka cluster (stream.ledger_store does the I/O)."""
 
     def __init__(self, settings: Settings) -> None:
+        from stream.kafka_options import kafka_client_options
+        from stream.ledger_store import EndOffsets
+
         self._settings = settings
+        self._options = kafka_client_options(settings)
+        self._ends = EndOffsets(self._options, settings.ledger_topic)
 
     async def ensure(self) -> int:
-        from stream.kafka_options import kafka_client_options
         from stream.ledger_store import ensure_ledger_topic
 
         s = self._settings
-        return await ensure_ledger_topic(kafka_client_options(s), s.ledger_topic, list(s.input_topics),
-                                  s.ledger_horizon_seconds)
+        return await ensure_ledger_topic(self._options, s.ledger_topic, list(s.input_topics), s.ledger_horizon_seconds)
 
-    async def read(self, partition: int) -> list[bytes]:
-        from stream.kafka_options import kafka_client_options
+    async def read(self, partition: int) -> Restored:
         from stream.ledger_store import read_partition
 
-        s = self._settings
         # Bounded: a read that hangs (a partition without a leader) is retried rather than holding it for good.
-        return (await read_partition(kafka_client_options(s), s.ledger_topic, partition,
-                                     timeout=RESTORE_TIMEOUT_SECONDS)).values
+        return await read_partition(self._options, self._settings.ledger_topic, partition,
+                                    timeout=RESTORE_TIMEOUT_SECONDS)
+
+    async def read_since(self, partition: int, start: int) -> Tail:
+        from stream.ledger_store import read_since
+
+        return await read_since(self._options, self._settings.ledger_topic, partition, start,
+                                timeout=RESTORE_TIMEOUT_SECONDS)
+
+    async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
+        return await self._ends.ends(partitions, timeout=END_OFFSETS_TIMEOUT_SECONDS)
+
+    async def close(self) -> None:
+        await self._ends.close()

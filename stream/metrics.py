@@ -136,6 +136,16 @@ class Metrics:
         self.ledger_restored = Counter(
             "stream_ledger_restored_samples_total", "Samples read back from the ledger topic at restores", registry=r
         )
+        self.ledger_foreign = Counter(
+            "stream_ledger_foreign_records_total",
+            "Ledger records another writer added to a partition this member holds, applied: `record` (a member that "
+            "held the partition meanwhile), `tombstone` (`stream ledger forget`)", ["kind"], registry=r,
+        )
+        self.ledger_kept = Counter(
+            "stream_ledger_kept_partitions_total",
+            "Partitions assigned back to this member after a rebalance whose ledger state was kept and caught up "
+            "from the topic instead of restored whole", registry=r,
+        )
         self.ledger_lateness = Histogram(
             "stream_ledger_lateness_seconds",
             "How far behind its device's newest accepted sample a sample starts (late, correction, beyond_horizon): "

@@ -163,10 +163,9 @@ class Pipeline:
                 self._fetch.cancel()
             for task in list(self._deliveries):
                 task.cancel()
-            if self.ledger is not None:
-                self.ledger.close()
-            # Both bounded (5 s each), side by side: the whole stop stays within the drain timeout + ~10 s.
-            await asyncio.gather(self.source.stop(), self.writer.stop())
+            # Each bounded (5 s), side by side: the whole stop stays within the drain timeout + ~10 s.
+            await asyncio.gather(self.source.stop(), self.writer.stop(),
+                                 *([self.ledger.close()] if self.ledger is not None else []))
             await self.sink.close()
             log.info("stopped", extra={"event": "stopped"})
 
@@ -183,6 +182,8 @@ class Pipeline:
             self._ingest(state, records, now, wall)
         self._dispatch()
         self._apply_backpressure()
+        if self.ledger is not None:
+            self.ledger.follow_due(now)  # what others wrote to the ledger partitions held (a forget, a member)
         if now >= self._next_commit:
             # Raced against a stop request: with the coordinator away a commit can wait its whole timeout,
             # and the drain (which commits at its end anyway) must not wait behind it.
@@ -476,7 +477,10 @@ class Pipeline:
             (PARKED_BORN_HEADER, ",".join(repr(e.born) for e in small.entries).encode()),
             (PARKED_GROUP_HEADER, self.settings.kafka_group_id.encode()),
         ]
-        written = self.writer.write(self.settings.pending_topic, user_id.encode(), value, headers)
+        # With the ledger, in the pending partition of the samples' own partition number (the ledger partition
+        # that knows their device), when this member holds it; otherwise where the user id hashes to.
+        partition = self.ledger.pending_partition(small.entries) if self.ledger is not None else None
+        written = self.writer.write(self.settings.pending_topic, user_id.encode(), value, headers, partition=partition)
         self.metrics.samples.labels("parked", data_type).inc(len(small.entries))
         self._ack_when_written(written, [(e.source, e.offset) for e in small.entries] + _copies(small.twins))
 

@@ -11,6 +11,7 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from stream.assignor import assignment_strategy
 from stream.config import COMMIT_TIMEOUT_SECONDS, Settings
 from stream.kafka_options import kafka_client_options
 from stream.offsets import TopicPartition
@@ -50,6 +51,9 @@ class KafkaSource:
             session_timeout_ms=int(settings.kafka_session_timeout_seconds * 1000),
             heartbeat_interval_ms=int(settings.kafka_heartbeat_interval_seconds * 1000),
             rebalance_timeout_ms=int(settings.kafka_rebalance_timeout_seconds * 1000),
+            # Partitions by number (input N and pending N with ledger partition N, on one member), sticky: each
+            # number that moves costs a ledger restore. See stream/assignor.py, and the README's "Scaling".
+            partition_assignment_strategy=assignment_strategy(),
         )
         self._listener = _Listener(on_assigned, on_revoked)
         self.paused = False

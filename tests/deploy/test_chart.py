@@ -367,6 +367,6 @@ def test_network_policy(ci_renders, render):
 
 
 def test_image_by_digest_or_tag(ci_renders, render):
-    assert container(render([DEFAULT]))["image"] == "stream:0.1.0"
+    assert container(render([DEFAULT]))["image"] == "stream:0.2.0"
     assert container(ci_renders["networkpolicy-existingsecret-values"])["image"] == (
         "registry.example.com/stream@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")

@@ -12,6 +12,8 @@ import msgspec
 import pytest
 
 from stream.generate import Record, WearableData, produce
+from stream.kafka_options import kafka_client_options
+from stream.ledger_store import forget_user
 
 from .conftest import (
     accepted_identities,
@@ -106,6 +108,34 @@ async def test_a_re_sent_day_reaches_the_api_once_and_late_and_corrected_samples
                                  f"{sum((expected - accepted).values())} missing"
     assert skipped == sum(identities(day).values())
     assert corrections == len(corrected)
+
+
+async def test_a_user_forgotten_while_the_service_runs_is_sent_again_and_nobody_else(kafka, topics, sandbox):
+    rng = random.Random(15)
+    day = day_of(WearableData(seed=15), users=20, per_user=8)
+    forgotten = next(iter(day))[0]
+    settings = make_settings(kafka, topics, sandbox.url)
+    async with running(settings) as pipeline:
+        await produce(kafka, topics.samples, as_records(day, bundle=1, rng=rng))
+        await eventually(lambda: all_done(kafka, topics), timeout=90, what="the day delivered")
+
+        # `stream ledger forget` while the member runs (the user's data was deleted at the API; a full re-sync
+        # of it is wanted): the member learns of the tombstones by itself, within FOLLOW_SECONDS.
+        written = await forget_user(kafka_client_options(settings), settings.ledger_topic, forgotten)
+        assert written > 0
+        async def applied() -> bool:
+            tombstones = pipeline.metrics.registry.get_sample_value("stream_ledger_foreign_records_total",
+                                                                    {"kind": "tombstone"})
+            return (tombstones or 0) >= written
+
+        await eventually(applied, timeout=30, what="the tombstones applied by the running member")
+
+        await produce(kafka, topics.samples, as_records(day, bundle=4, rng=rng))  # the whole day re-sent
+        await eventually(lambda: all_done(kafka, topics), timeout=90, what="the re-send delivered")
+
+    again = {key: items for key, items in day.items() if key[0] == forgotten}
+    accepted = Counter(await accepted_identities(sandbox))
+    assert accepted == identities(day) + identities(again)
 
 
 async def test_a_second_group_keeps_a_ledger_of_its_own(kafka, topics, sandbox):

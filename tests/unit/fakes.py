@@ -6,15 +6,20 @@ deterministically.
 - `VirtualTimeLoop`: an asyncio loop whose `time()` is virtual. When no callback is ready it jumps to the next
   timer instead of waiting, so `asyncio.sleep`, `asyncio.wait(timeout=...)` and `wait_for` cost no real time,
   and a run is reproducible (the same inputs give the same interleaving).
-- `FakeKafka`: partitions as lists of records (offsets may have gaps), committed offsets, and a consumer
-  group with the eager protocol aiokafka uses: on a rebalance every member's revoke callback runs (the group
-  waits for all of them), then partitions are assigned and each new owner reads from the committed offset.
-  Commits carry the member's generation: one that lands after the generation moved on is refused.
-- `FakeSource` (one consumer), `FakeWriter` (the producer of dead letters and parked records: a write is
-  appended to its topic, then acknowledged, each after a scripted delay) and `FakeSink` (the HTTP client, in
+- `FakeKafka`: partitions as lists of records (offsets may have gaps), committed offsets, and a consumer group with
+  the eager protocol aiokafka uses: on a rebalance every member's revoke callback runs (the group waits for all
+  of them), then partitions are assigned and each new owner reads from the committed offset. Partitions are
+  assigned by NUMBER, like the service's co-partitioning assignor (stream/assignor.py): every topic's partition N
+  goes to one member, so the member that holds input partition N also holds pending partition N (and the state of
+  ledger partition N); or, with `copartitioned=False`, topic by topic as aiokafka's default round-robin assignor
+  does, which may split them. Commits carry the member's generation: one that lands after the generation moved on
+  is refused.
+- `FakeSource` (one consumer), `FakeWriter` (the producer of dead letters, parked and ledger records: a write
+  is appended to its topic, then acknowledged, each after a scripted delay) and `FakeSink` (the HTTP client, in
   front of `FakeApi`, which answers from a script and records what it accepted and refused).
 
-Everything here is observable (`FakeKafka.logs`, `.committed`, `FakeApi.accepted`, ...) for the test's checks.
+Everything here is observable (`FakeKafka.logs`, `.committed`, `.writes`, `FakeSource.tenure_ends`,
+`FakeApi.requests` with what each accepted and what its answer told the client, ...) for the test's checks.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from aiokafka.errors import KafkaError
 
+from stream.ledger_format import fingerprint
+from stream.ledger_store import Restored, Tail
 from stream.offsets import TopicPartition
-from stream.outcome import Outcome, Retry, classify
+from stream.outcome import Accepted, Outcome, Partial, Retry, classify
 
 # -- virtual time ----------------------------------------------------------------------------------------
 
@@ -159,8 +167,10 @@ class FakeKafka:
         commit_faults: Iterable[CommitFault] = (),
         on_commit: Callable[[str, dict[TopicPartition, int]], None] | None = None,
         rebalance_timeout: float = 60.0,
+        copartitioned: bool = True,
     ) -> None:
         self.partitions = dict(partitions)
+        self.copartitioned = copartitioned
         self.wall = wall
         self.logs: dict[TopicPartition, list[FakeRecord]] = {
             TopicPartition(t, p): [] for t, n in partitions.items() for p in range(n)
@@ -175,6 +185,8 @@ class FakeKafka:
         self.rebalances = 0
         self.errors: list[str] = []  # what the group saw go wrong in a member (exceptions in callbacks, ...)
         self.trace: list[str] = []
+        self.writes: list[Write] = []  # every producer write of every member, with when it landed and was acked
+        self.split_rebalances = 0  # rebalances that gave one partition number's topics to different members
         self._lock = asyncio.Lock()
         self._settled = asyncio.Event()
         self._settled.set()
@@ -230,7 +242,9 @@ class FakeKafka:
     async def rebalance(self, plan: list[int] | None = None) -> None:
         """Eager protocol: every member revokes all it holds (the group waits for each, up to the rebalance
         timeout), then every partition of every subscribed topic gets an owner; owners read from the committed
-        offset. `plan[i]` picks the owner of the i-th partition (default: round robin)."""
+        offset. Co-partitioned: partition N of every topic goes to `plan[N]` (default: member N, round robin).
+        Otherwise `plan[i]` picks the owner of the i-th of all topics' partitions in order (default: round
+        robin over them, like aiokafka's default assignor): partition N of two topics may go to two members."""
         async with self._lock:
             self.rebalances += 1
             self._settled.clear()
@@ -244,9 +258,16 @@ class FakeKafka:
                     return
                 tps = sorted({tp for m in members for t in m.topics for tp in self.tps(t)})
                 owners: dict[FakeSource, list[TopicPartition]] = {m: [] for m in members}
+                holders: dict[int, set[FakeSource]] = {}
                 for i, tp in enumerate(tps):
-                    pick = plan[i % len(plan)] if plan else i
-                    owners[members[pick % len(members)]].append(tp)
+                    unit = tp.partition if self.copartitioned else i
+                    pick = plan[unit % len(plan)] if plan else unit
+                    owner = members[pick % len(members)]
+                    owners[owner].append(tp)
+                    holders.setdefault(tp.partition, set()).add(owner)
+                if any(len(h) > 1 for h in holders.values()):
+                    self.split_rebalances += 1
+                    self.trace.append(f"{self.wall():.2f} (not co-partitioned)")
                 for member, assigned in owners.items():
                     member.generation = self.generation
                     member.assignment = set(assigned)
@@ -301,6 +322,9 @@ class FakeSource:
         self.dead = False
         self.started = asyncio.Event()
         self.stopped = False
+        # When (wall time) and how its hold on its partitions ended: "revoke" (its revoke callback returned),
+        # "crash", "stop" (left the group). The next owner of a partition number is assigned only after one.
+        self.tenure_ends: list[tuple[float, str]] = []
         self._on_assigned: Callable[[list[TopicPartition]], Awaitable[None]] | None = None
         self._on_revoked: Callable[[list[TopicPartition]], Awaitable[None]] | None = None
         self._callbacks: set[asyncio.Task] = set()
@@ -315,11 +339,13 @@ class FakeSource:
     async def stop(self) -> None:
         """Leave the group (aiokafka calls no revoke callback on close)."""
         self.stopped = True
+        self.tenure_ends.append((self.kafka.wall(), "stop"))
         self.kafka.leave(self)
 
     def crash(self) -> None:
         """The process is gone: nothing of it reaches Kafka any more."""
         self.dead = True
+        self.tenure_ends.append((self.kafka.wall(), "crash"))
         for task in list(self._callbacks):
             task.cancel()
 
@@ -391,6 +417,8 @@ class FakeSource:
         revoked = sorted(self.assignment)
         if self._on_revoked is not None and not self.dead and not self.stopped:
             await self._callback(self._on_revoked(revoked), f"revoke {_names(revoked)}")
+        if revoked:
+            self.tenure_ends.append((self.kafka.wall(), "revoke"))
         self.assignment = set()
         self.positions = {}
 
@@ -422,19 +450,37 @@ class WriteDelay:
     ack: float = 0.0  # further seconds until the producer hears Kafka's acknowledgement
 
 
+@dataclass
+class Write:
+    """One record handed to a FakeWriter, and what became of it (wall times; None: never)."""
+
+    member: str
+    topic: str
+    partition: int | None  # as asked (None: the key's hash)
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    written: float  # when the pipeline handed it to the producer
+    landed: float | None = None  # when it was appended to its topic (readable by anyone from then on)
+    acked: float | None = None  # when the pipeline was told Kafka has it
+    record: FakeRecord | None = None
+
+
 class FakeWriter:
     """The pipeline's KafkaWriter: each write lands in its topic, then is acknowledged, after scripted delays."""
 
     STOP_FLUSH_SECONDS = 5.0  # like KafkaWriter.stop: flush for a while, abandon what is left
 
-    def __init__(self, kafka: FakeKafka, name: str, delays: Cycle) -> None:
+    def __init__(self, kafka: FakeKafka, name: str, delays: Cycle,
+                 topic_delays: dict[str, Cycle] | None = None) -> None:
         self.kafka = kafka
         self.name = name
         self.delays = delays
+        self.topic_delays = topic_delays or {}  # a topic's own script of delays (when not empty)
         self.dead = False
         self.stopped = False
         self.writes = 0
-        self._pending: dict[asyncio.Task, tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = {}
+        self._pending: dict[asyncio.Task, Write] = {}  # not in Kafka yet
 
     async def start(self) -> None:
         pass
@@ -453,31 +499,37 @@ class FakeWriter:
         for task, write in list(self._pending.items()):
             task.cancel()
             if land:
-                self._append(*write)
+                self._append(write)
         self._pending.clear()
 
     def write(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
               partition: int | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[int] = loop.create_future()
         self.writes += 1
-        task = loop.create_task(self._write(topic, key, value, list(headers), self.delays.next(), done, partition))
-        self._pending[task] = (topic, key, value, list(headers), partition)
+        write = Write(self.name, topic, partition, key, value, list(headers), self.kafka.wall())
+        self.kafka.writes.append(write)
+        script = self.topic_delays.get(topic)
+        delays = script if script is not None and (script.items or script.override is not None) else self.delays
+        task = loop.create_task(self._write(write, delays.next(), done))
+        self._pending[task] = write
         return done
 
-    async def _write(self, topic, key, value, headers, delay: WriteDelay, done: asyncio.Future,
-                     partition: int | None = None) -> None:
+    async def _write(self, write: Write, delay: WriteDelay, done: asyncio.Future) -> None:
         await asyncio.sleep(delay.append)
         if self.dead:
             return
-        self._append(topic, key, value, headers, partition)
+        record = self._append(write)
         self._pending.pop(asyncio.current_task(), None)  # in Kafka now: a crash cannot undo it
         await asyncio.sleep(delay.ack)
         if not self.dead and not done.done():
-            done.set_result(None)
+            write.acked = self.kafka.wall()
+            done.set_result(record.offset)
 
-    def _append(self, topic, key, value, headers, partition=None) -> None:
-        self.kafka.append(topic, partition, key, value, list(headers))
+    def _append(self, write: Write) -> FakeRecord:
+        record = self.kafka.append(write.topic, write.partition, write.key, write.value, list(write.headers))
+        write.landed, write.record = self.kafka.wall(), record
+        return record
 
 
 class FakeLedgerStore:
@@ -486,19 +538,38 @@ class FakeLedgerStore:
     def __init__(self, kafka: FakeKafka, topic: str) -> None:
         self.kafka = kafka
         self.topic = topic
+        self.reads = 0  # whole partitions read (restores)
+        self.tail_reads = 0  # reads from an offset on (catch-ups, follows)
 
     async def ensure(self) -> int:
         return self.kafka.partitions[self.topic]
 
-    async def read(self, partition: int) -> list[bytes]:
+    async def read(self, partition: int) -> Restored:
+        tp = TopicPartition(self.topic, partition)
+        end = self.kafka.next_offset[tp]
         latest: dict[bytes | None, bytes] = {}
-        for record in self.kafka.logs[TopicPartition(self.topic, partition)]:
+        for record in self.kafka.logs[tp]:
             if record.value is None:
                 latest.pop(record.key, None)
             else:
                 latest[record.key] = record.value
+        self.reads += 1
         await asyncio.sleep(0.01)  # a read takes some time: records may be fetched for other partitions meanwhile
-        return list(latest.values())
+        return Restored(list(latest.values()), len(self.kafka.logs[tp]), 0.01, end)
+
+    async def read_since(self, partition: int, start: int) -> Tail:
+        tp = TopicPartition(self.topic, partition)
+        end = self.kafka.next_offset[tp]
+        records = [(r.offset, r.key, r.value) for r in self.kafka.logs[tp] if start <= r.offset < end]
+        self.tail_reads += 1
+        await asyncio.sleep(0.01)
+        return Tail(records, end)
+
+    async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
+        return {p: self.kafka.next_offset[TopicPartition(self.topic, p)] for p in partitions}
+
+    async def close(self) -> None:
+        pass
 
 
 # -- the Samples API ----------------------------------------------------------------------------------------
@@ -579,6 +650,12 @@ def norm(user_id: str, data_type: str, sample: dict) -> Norm:
 SAMPLE_FIELDS = frozenset({"device_name", "device_version", "start_date", "end_date", "unit", "value"})
 
 
+class _RawBatch(msgspec.Struct):
+    user_id: str
+    data_type: str
+    data: list[msgspec.Raw]
+
+
 @dataclass
 class Request:
     member: str
@@ -587,7 +664,26 @@ class Request:
     data_type: str
     samples: list[dict]
     norms: list[Norm]
+    prints: list[int] = field(default_factory=list)  # the ledger's fingerprint of each sample's exact bytes
     reply: Reply | None = None
+    accepted: frozenset[int] = frozenset()  # indices of the samples the API took (whatever it answered)
+    # What the answer told the client, once it reached it (`answered`): the indices it can read as accepted
+    # (a 2xx: all; a 207 whose list of refusals is readable: the others; anything else: none).
+    answered: float | None = None
+    told: frozenset[int] = frozenset()
+    cancelled: float | None = None  # the client gave up waiting for the answer (its task was cancelled)
+    lost_in_crash: bool = False  # the client died before the answer came
+
+
+def told_accepted(outcome: Outcome, n: int) -> frozenset[int]:
+    """The samples of a batch of `n` that an answer says, readably, the API accepted."""
+    if isinstance(outcome, Accepted):
+        return frozenset(range(n))
+    if isinstance(outcome, Partial) and outcome.refused:
+        listed = {i for i in outcome.refused if 0 <= i < n}
+        if listed:
+            return frozenset(range(n)) - listed
+    return frozenset()
 
 
 @dataclass
@@ -609,7 +705,9 @@ class FakeApi:
         parsed = json.loads(body)
         user_id, data_type, samples = parsed["user_id"], parsed["data_type"], parsed["data"]
         norms = [norm(user_id, data_type, s) for s in samples]
-        request = Request(member, self.wall(), user_id, data_type, samples, norms)
+        raw = msgspec.json.decode(body, type=_RawBatch)  # each sample's bytes as sent, as the ledger hashes them
+        request = Request(member, self.wall(), user_id, data_type, samples, norms,
+                          [fingerprint(bytes(r)) for r in raw.data])
         self.requests.append(request)
         n = len(samples)
         for s in samples:
@@ -659,6 +757,7 @@ class FakeApi:
         elif status in (400, 413, 422):
             self.refused.update(norms)
             payload = b'{"error": "refused"}'
+        request.accepted = frozenset(accepted)
         for i in sorted(accepted):
             self.accepted.add(norms[i])
             self.accepted_count += 1
@@ -685,12 +784,22 @@ class FakeSink:
         if self.dead:
             await asyncio.get_running_loop().create_future()
         reply, status, headers, payload = self.api.handle(self.name, body)
-        await asyncio.sleep(self.api.api_timeout if status is None and reply.error == "timeout" else reply.latency)
-        if self.dead:
-            await asyncio.get_running_loop().create_future()  # the answer never reaches a dead process
-        if status is None:
-            return None, Retry(reply.error)
-        return status, classify(status, headers, payload, self.api.wall())
+        request = self.api.requests[-1]
+        try:
+            await asyncio.sleep(self.api.api_timeout if status is None and reply.error == "timeout"
+                                else reply.latency)
+            if self.dead:
+                await asyncio.get_running_loop().create_future()  # the answer never reaches a dead process
+        except asyncio.CancelledError:
+            if self.dead:
+                request.lost_in_crash = True
+            else:
+                request.cancelled = self.api.wall()
+            raise
+        outcome = Retry(reply.error) if status is None else classify(status, headers, payload, self.api.wall())
+        request.answered = self.api.wall()
+        request.told = told_accepted(outcome, len(request.norms))
+        return status, outcome
 
 
 def _names(tps: Iterable[TopicPartition]) -> str:

@@ -8,7 +8,9 @@ import asyncio
 import msgspec
 
 from stream import config
+from stream.ledger import DUPLICATE, LATE, NEW
 from stream.ledger_format import DeviceSamples, LedgerRecord, encode_record, pack
+from stream.ledger_store import Restored, Tail
 from stream.ledger_sync import LedgerSync
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
@@ -34,17 +36,57 @@ class Holder:
 
 
 class Store:
+    """The ledger topic in memory: per partition, a log of (key, value); value None is a tombstone."""
+
     def __init__(self, values: list[bytes], partitions: int = 1) -> None:
-        self.values = values
+        self.logs: dict[int, list[tuple[bytes | None, bytes | None]]] = {
+            p: [(b"k%d" % i, v) for i, v in enumerate(values)] if p == 0 else [] for p in range(partitions)}
         self.partitions = partitions
         self.gate = asyncio.Event()
+        self.reads = 0
+        self.tail_reads = 0
+
+    def append(self, partition: int, key: bytes | None, value: bytes | None) -> int:
+        self.logs[partition].append((key, value))
+        return len(self.logs[partition]) - 1
 
     async def ensure(self) -> int:
         return self.partitions
 
-    async def read(self, partition: int) -> list[bytes]:
+    async def read(self, partition: int) -> Restored:
         await self.gate.wait()
-        return self.values
+        self.reads += 1
+        latest: dict[bytes | None, bytes] = {}
+        for key, value in self.logs[partition]:
+            if value is None:
+                latest.pop(key, None)
+            else:
+                latest[key] = value
+        return Restored(list(latest.values()), len(self.logs[partition]), 0.0, len(self.logs[partition]))
+
+    async def read_since(self, partition: int, start: int) -> Tail:
+        await self.gate.wait()
+        self.tail_reads += 1
+        log = self.logs[partition]
+        return Tail([(offset, *log[offset]) for offset in range(start, len(log))], len(log))
+
+    async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
+        return {p: len(self.logs[p]) for p in partitions}
+
+    async def close(self) -> None:
+        pass
+
+
+class Writer:
+    """The pipeline's writer over a Store: a write lands at once, its future resolves to its offset."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def write(self, topic, key, value, headers, partition=None):
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(self.store.append(partition, key, value))
+        return done
 
 
 def sync(store: Store, holder: Holder) -> LedgerSync:
@@ -100,3 +142,123 @@ async def test_a_partition_the_ledger_topic_lacks_is_never_held_and_its_acceptan
 
     [(written, entries)] = ledger.record(Writer(), "u", "steps", [Entry()])
     assert written.done() and len(entries) == 1
+
+
+# -- following the topic: forgets and other members' writes reach a running member ---------------------------
+
+BODY = b'{"device_name":"d","start_date":"2023-11-14T22:13:20Z","unit":"count","value":%d}'
+START = 1_700_000_000 * 10**9
+
+
+class Sample:
+    """An accepted Entry as far as the ledger reads it: .source.tp, .start and .body."""
+
+    def __init__(self, value: int, tp: TopicPartition = TP) -> None:
+        self.source = type("Source", (), {"tp": tp})()
+        self.start = START + value * 10**9
+        self.body = BODY % value
+
+
+def record_value(user: str, *samples: Sample) -> bytes:
+    from stream.ledger import Ledger
+
+    record = Ledger(10**15, 10**9, 10**6).record_of(0, user, "steps", [(s.start, s.body) for s in samples], START)
+    return encode_record(record)[1]
+
+
+def kind(ledger: LedgerSync, user: str, sample: Sample) -> str:
+    return ledger.ledger.decide(0, (user, "steps", b'"d"'), sample.start, sample.body)[0]
+
+
+async def ready_sync(values: list[bytes] = (), partitions: int = 1) -> tuple[LedgerSync, Store, Holder]:
+    store, holder = Store(list(values), partitions), Holder()
+    store.gate.set()
+    ledger = sync(store, holder)
+    await ledger.ensure()
+    ledger.assigned([TP])
+    await asyncio.wait_for(holder.released.wait(), 5)
+    return ledger, store, holder
+
+
+async def test_a_forget_written_while_the_member_runs_is_applied_at_its_next_look():
+    ledger, store, _ = await ready_sync([record_value("u", Sample(1), Sample(2))])
+    assert kind(ledger, "u", Sample(1)) == DUPLICATE
+
+    from stream.ledger_format import LedgerKey
+    store.append(0, msgspec.msgpack.encode(LedgerKey("u", "steps", "00")), None)  # `stream ledger forget`
+    await ledger.follow()
+
+    assert kind(ledger, "u", Sample(1)) == NEW and kind(ledger, "u", Sample(2)) == NEW
+    assert ledger.metrics.ledger_foreign.labels("tombstone")._value.get() == 1
+
+
+async def test_own_writes_are_never_read_back_and_another_writers_records_are_merged():
+    ledger, store, _ = await ready_sync()
+    writer = Writer(store)
+    ledger.record(writer, "u", "steps", [Sample(1), Sample(2), Sample(3)])
+    ledger.record(writer, "u", "steps", [Sample(4), Sample(5), Sample(6)])
+    await asyncio.sleep(0)  # the writes' done callbacks
+
+    assert await ledger.follow() == 0 and store.tail_reads == 0  # only our own writes since: nothing to read
+
+    store.append(0, b"other", record_value("u", Sample(7)))  # a member that held partition 0 too
+    ledger.record(writer, "u", "steps", [Sample(8), Sample(9), Sample(10)])
+    await asyncio.sleep(0)
+    assert await ledger.follow() == 2 and store.tail_reads == 1  # the other's record and our own after it
+    assert kind(ledger, "u", Sample(7)) == DUPLICATE and kind(ledger, "u", Sample(10)) == DUPLICATE
+    assert ledger.metrics.ledger_foreign.labels("record")._value.get() == 1
+    assert await ledger.follow() == 0 and store.tail_reads == 1
+
+
+async def test_a_write_after_a_forget_is_remembered_and_one_before_it_is_not():
+    ledger, store, _ = await ready_sync()
+    writer = Writer(store)
+    ledger.record(writer, "u", "steps", [Sample(1)])
+    from stream.ledger_format import LedgerKey
+    store.append(0, msgspec.msgpack.encode(LedgerKey("u", "steps", "00")), None)
+    ledger.record(writer, "u", "steps", [Sample(2)])
+    await asyncio.sleep(0)
+
+    await ledger.follow()
+
+    # Sample 1 is sent again (late: older than what is remembered), sample 2 is not.
+    assert kind(ledger, "u", Sample(1)) == LATE and kind(ledger, "u", Sample(2)) == DUPLICATE
+
+
+async def test_a_partition_back_after_a_rebalance_keeps_its_state_and_reads_only_what_was_written_meanwhile():
+    ledger, store, holder = await ready_sync([record_value("u", Sample(1))])
+    assert store.reads == 1
+
+    ledger.revoked([TP])
+    store.append(0, b"other", record_value("u", Sample(2)))  # the member that held it meanwhile
+    holder.released.clear()
+    ledger.assigned([TP])
+    assert holder.held == {TP}
+    await asyncio.wait_for(holder.released.wait(), 5)
+
+    assert store.reads == 1 and store.tail_reads == 1  # no restore: a catch-up
+    assert kind(ledger, "u", Sample(1)) == DUPLICATE and kind(ledger, "u", Sample(2)) == DUPLICATE
+    assert ledger.metrics.ledger_kept._value.get() == 1
+
+
+async def test_a_partition_not_back_after_a_rebalance_is_forgotten():
+    ledger, _, holder = await ready_sync([record_value("u", Sample(1))], partitions=2)
+    other = TopicPartition("samples", 1)
+
+    ledger.revoked([TP])
+    assert ledger.ledger.entries == 1  # kept until the assignment says
+    ledger.assigned([other])
+    await asyncio.wait_for(holder.released.wait(), 5)
+
+    assert ledger.ledger.entries == 0 and ledger.ready == {1}
+
+
+async def test_samples_are_parked_in_the_pending_partition_of_their_own_number_when_this_member_holds_it():
+    ledger, _, _ = await ready_sync(partitions=3)
+    pending = TopicPartition(SETTINGS.pending_topic, 2)
+    from_two = [Sample(1, TopicPartition("samples", 2))]
+    assert ledger.pending_partition(from_two) is None  # not held: where the user id hashes, as without a ledger
+
+    ledger.assigned([TopicPartition("samples", 2), pending])
+
+    assert ledger.pending_partition(from_two) == 2

@@ -2,16 +2,18 @@
 taken from Kafka ends accepted by the API, or in the DLQ with a reason, or still uncommitted (issue #8).
 
 The REAL `stream.pipeline.Pipeline` runs (its loop, batcher, delivery, settle, park, expire, dead-letter, revoke
-and commit logic) against the fakes of `tests/unit/fakes.py`, on an event loop with virtual time. Hypothesis
-draws the input (users, single-sample events and bundles, producer re-sends, invalid records, offset gaps,
-2-3 partitions), the API's answers (200, 207 with readable, odd or unreadable lists, 3xx, 400/413/422,
-401/403, 404/408/425/429/5xx with Retry-After, timeouts the API may have processed, connection errors, a
-poison user next to steady traffic), the settings (small windows, holds, ages, retry limits, the refusal-storm
-guard), Kafka's behaviour (dead-letter and parking writes landing and acknowledged late, or lost in a crash;
-commits refused or slow; fetch errors; a position rewound within an assignment; fetches slower than the loop's
-tick) and a script of members starting, rebalancing, draining and crashing, up to two at a time (restarts are
-new Pipelines on the same fake Kafka: committed offsets and the pending topic survive). Then a last member runs
-against a healed API and drains.
+and commit logic) against the fakes of `tests/unit/fakes.py`, on an event loop with virtual time. Hypothesis draws
+the input (users, single-sample events and bundles, producer re-sends, invalid records, offset gaps, 2-3
+partitions, records keyed by user id or not), the API's answers (200, 207 with readable, odd or unreadable lists,
+3xx, 400/413/422, 401/403, 404/408/425/429/5xx with Retry-After, timeouts the API may have processed, connection
+errors, a poison user next to steady traffic), the settings (small windows, holds, ages, retry limits, the
+refusal-storm guard, the sync ledger on, in shadow or off), Kafka's behaviour (dead-letter, parking and ledger
+writes landing and acknowledged late, or lost in a crash; commits refused or slow; fetch errors; a position rewound
+within an assignment; fetches slower than the loop's tick) and a script of members starting, rebalancing, draining
+and crashing, up to two at a time (restarts are new Pipelines on the same fake Kafka: committed offsets, the
+pending and the ledger topics survive). Partitions are assigned by number (co-partitioned, as the service's
+assignor does), or in a quarter of the examples topic by topic (as aiokafka's default assignor would). Then a last
+member runs against a healed API and drains.
 
 Checked at every commit that Kafka takes, and at the end:
 - safety: for every record below its partition's committed offset (input and pending topics), each of its
@@ -24,10 +26,30 @@ Checked at every commit that Kafka takes, and at the end:
   samples the API refused, `api_partial_unknown` only for samples of a batch answered 207;
 - nothing goes wrong inside the pipeline (an exception in a callback, a delivery, a graceful stop that does
   not end, a commit of a partition the member does not hold);
-- liveness: once the API is healthy and the last member drained, every input partition is committed to its end.
+- liveness: once the API is healthy and the last member drained, every input partition is committed to its end;
+- the sync ledger (README, "What it guarantees"), with STREAM_LEDGER=on: no sample is accepted by the API twice,
+  unless an earlier acceptance of it could not be remembered, for a cause the README allows:
+  - the answer never told the member readably (a timeout or connection error after the API processed the
+    request; a 207 whose list of refusals cannot be read; any other answer not read as acceptance);
+  - the request was on the wire when its member crashed, or when its member gave up waiting in a revoke or a
+    drain that ran out of time (`revoke_timeout`, `drain_timeout`) and cancelled it;
+  - the member's ledger record of it was not yet in Kafka when the member crashed, or when it let its
+    partitions go (revoke, stop) after such a timeout. A record in Kafka but not yet acknowledged is enough:
+    the next owner reads it back. Without a timeout, a revoke or a stop must wait for it: no allowance;
+  and unless the sample can be screened under several partition numbers (the ledger works per number: copies
+  of it in input partitions of other numbers, or parked in a pending partition of another number, as when the
+  pending topic has fewer partitions or its partition N is not held), each number once; after a rebalance that
+  did not co-partition (input N and pending N with different members, each screening against its own copy of
+  ledger partition N), each parked copy once more. A producer's re-send alone is no allowance. Nothing in the
+  input lies outside what the ledger can remember (int64 nanoseconds, a day ahead), which is checked;
+- with the ledger on or in shadow: every sample the API accepted and said so readably has a ledger record,
+  written by that member at that moment, in a ledger partition of one of its numbers; in shadow nothing is held
+  back as a duplicate (it sends all it would send with the ledger off).
 
 A case the property found, where the pipeline lost a sample (a stale fetch ingested after a rebalance), is kept
-below as a regression test.
+below as a regression test, and so are two fixed stories of the ledger's promise: a hand-off while a ledger
+record is on its way (the revoke waits for it, the next owner knows the samples), and the same without the
+ledger, which the ledger check must call duplicates (it is not vacuous).
 """
 
 from __future__ import annotations
@@ -35,9 +57,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +71,8 @@ from hypothesis import strategies as st
 
 from stream import config
 from stream.deadletter import PARKED_BORN_HEADER, PARKED_GROUP_HEADER
+from stream.ledger import FUTURE_TOLERANCE_NS
+from stream.ledger_format import decode_record, unpack
 from stream.offsets import TopicPartition
 from stream.pipeline import Pipeline
 from stream.schema import REASONS
@@ -64,7 +90,9 @@ from tests.unit.fakes import (
     FakeWriter,
     Norm,
     Reply,
+    Request,
     VirtualTimeLoop,
+    Write,
     WriteDelay,
     norm,
 )
@@ -179,13 +207,18 @@ def bad_record(kind: int) -> bytes | None:
     ][kind % 10]
 
 
-def build_records(events: list[EventSpec]) -> list[tuple[EventSpec, bytes | None, RecordMeta]]:
-    """Each event as record bytes plus what the test knows of it."""
+def build_records(events: list[EventSpec], keyed: int = 0) -> list[tuple[EventSpec, bytes | None, RecordMeta]]:
+    """Each event as record bytes plus what the test knows of it. With `keyed` (the input topic's partition
+    count), the producer keys by user id as the README asks: a user's records (and re-sends) go to one partition."""
     out: list[tuple[EventSpec, bytes | None, RecordMeta]] = []
     markers = 0
     for event in events:
+        if keyed and event.kind in ("single", "bundle"):
+            event = replace(event, partition=event.user % keyed)
         if event.kind == "dup" and out:
-            _, value, meta = out[event.copy_of % len(out)]
+            original, value, meta = out[event.copy_of % len(out)]
+            if keyed and original.kind != "invalid":
+                event = replace(event, partition=original.partition)
             out.append((event, value, RecordMeta(list(meta.valid), meta.invalid, list(meta.markers))))
             continue
         if event.kind in ("invalid", "dup"):  # a re-send of nothing: a bad record instead
@@ -263,6 +296,12 @@ write_delays = st.sampled_from((
     WriteDelay(), WriteDelay(), WriteDelay(0.05, 0.0), WriteDelay(0.0, 0.5), WriteDelay(0.5, 0.5),
     WriteDelay(2.0, 0.0), WriteDelay(0.0, 3.0), WriteDelay(6.0, 0.0),
 ))
+# The ledger topic's writes on a script of their own, slow more often: a ledger record still on its way when the
+# member lets its partitions go (or dies) is where the ledger's promise is at stake.
+ledger_write_delays = st.sampled_from((
+    WriteDelay(), WriteDelay(0.05, 0.0), WriteDelay(0.5, 0.5), WriteDelay(2.0, 0.0), WriteDelay(0.0, 3.0),
+    WriteDelay(3.0, 1.0), WriteDelay(6.0, 0.0),
+))
 commit_faults = st.sampled_from((CommitFault(), CommitFault(), CommitFault(fail=True), CommitFault(delay=0.3),
                                  CommitFault(delay=1.5)))
 
@@ -308,6 +347,9 @@ class Scenario:
     chatter_user: int = 0
     fetch_slow: float = 0.0  # seconds a fetch waits before taking records (beyond the pipeline's tick: it runs on)
     fetch_fail_every: int = 0  # every n-th fetch raises a KafkaError (0: never)
+    keyed: bool = False  # the producer keys records by user id (a user's records on one partition)
+    ledger_write_delays: tuple[WriteDelay, ...] = ()  # the ledger topic's own (empty: as the other writes)
+    copartitioned: bool = True  # the group assigns by partition number (else topic by topic: see FakeKafka)
 
 
 @st.composite
@@ -342,7 +384,7 @@ def scenarios(draw, slow_fetches: bool = False) -> Scenario:
     return Scenario(
         settings=knobs,
         partitions=partitions,
-        pending_partitions=draw(st.integers(1, 2)),
+        pending_partitions=draw(st.integers(1, 3)),
         events=tuple(draw(st.lists(event_specs(partitions, users), min_size=1, max_size=40))),
         actions=tuple(draw(st.lists(actions, max_size=6))),
         replies=tuple(draw(st.lists(replies, max_size=10))),
@@ -360,21 +402,33 @@ def scenarios(draw, slow_fetches: bool = False) -> Scenario:
         seed=draw(st.integers(0, 2**16)),
         chatter=draw(st.sampled_from((0, 40))) if poison else 0,
         chatter_user=users - 1,
+        keyed=draw(st.booleans()),
+        ledger_write_delays=tuple(draw(st.lists(ledger_write_delays, min_size=1, max_size=3))),
+        copartitioned=draw(st.sampled_from((True, True, True, False))),
     )
 
 
 # -- the world --------------------------------------------------------------------------------------------
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+TIMEOUTS = ("revoke_timeout", "drain_timeout")
+
+
+class _Watch(logging.Handler):
+    """The pipeline's log: unexpected errors (findings), and the timeouts the ledger's promise allows for."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(logging.WARNING)
+        self.world = world
         self.events: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "event", None) == "delivery_error":
+        event = getattr(record, "event", None)
+        if event == "delivery_error":
             self.events.append(f"delivery failed unexpectedly: {record.exc_info[1]!r}" if record.exc_info else
                                "delivery failed unexpectedly")
+        elif event in TIMEOUTS:
+            self.world.timed_out(event)
 
 
 class Member:
@@ -382,7 +436,7 @@ class Member:
         self.name = name
         self.source = FakeSource(world.kafka, name, world.settings.input_topics, world.scenario.max_records,
                                  world.scenario.fetch_slow, world.scenario.fetch_fail_every)
-        self.writer = FakeWriter(world.kafka, name, world.write_delays)
+        self.writer = FakeWriter(world.kafka, name, world.write_delays, {LEDGER: world.ledger_delays})
         self.sink = FakeSink(world.api, name)
         self.pipeline = Pipeline(
             world.settings, clock=world.loop.time, wall=world.wall,
@@ -393,6 +447,20 @@ class Member:
         self.pipeline.delivery._rng = random.Random(world.scenario.seed + len(world.members))
         self.source.bind(self.pipeline._on_assigned, self.pipeline._on_revoked)
         self.task: asyncio.Task | None = None
+        self.timeouts: list[tuple[float, str]] = []  # (wall time, revoke_timeout | drain_timeout)
+
+    def tenure(self, moment: float) -> tuple[float, float, str]:
+        """The hold on its partitions that `moment` falls in: (start, end, how it ended: revoke|crash|stop)."""
+        start = -math.inf
+        for end, kind in self.source.tenure_ends:
+            if end >= moment:
+                return start, end, kind
+            start = end
+        return start, math.inf, "none"
+
+    def timed_out(self, start: float, end: float) -> str | None:
+        """The first revoke or drain timeout of this member within (start, end]."""
+        return next((event for at, event in self.timeouts if start < at <= end), None)
 
 
 class World:
@@ -409,27 +477,30 @@ class World:
             {TOPIC: scenario.partitions, PENDING: scenario.pending_partitions, DLQ: 1,
              LEDGER: max(scenario.partitions, scenario.pending_partitions)},
             self.wall, scenario.commit_faults, self._on_commit,
-            rebalance_timeout=self.settings.kafka_rebalance_timeout_seconds,
+            rebalance_timeout=self.settings.kafka_rebalance_timeout_seconds, copartitioned=scenario.copartitioned,
         )
         self.api = FakeApi(
             Cycle(scenario.replies, Reply(200)), self.wall,
             frozenset(USERS[u] for u in scenario.poison), self.settings.api_timeout_seconds,
         )
         self.write_delays = Cycle(scenario.write_delays, WriteDelay())
-        self.records = build_records(list(scenario.events))
+        self.ledger_delays = Cycle(scenario.ledger_write_delays, WriteDelay())
+        keyed = scenario.partitions if scenario.keyed else 0
+        self.records = build_records(list(scenario.events), keyed)
         self.chatter = build_records([
             EventSpec("single", (0, scenario.chatter_user)[k % 2], "steps",
                       (SampleSpec(10 + k, 0, 1, 0, False, False, False),),
                       partition=k % scenario.partitions, delay=0.25)
             for k in range(scenario.chatter)
-        ])
+        ], keyed)
         self.valid_norms: set[Norm] = {n for _, _, meta in self.records + self.chatter for n in meta.valid}
         self.foreign_norms: set[Norm] = set()
+        self.duplicates: list[str] = []  # what the ledger's promise does not allow (see check_ledger)
         self.members: list[Member] = []
         self.live: list[Member] = []
         self.problems: list[str] = []
         self.background: set[asyncio.Task] = set()
-        self.errors = _Errors()
+        self.errors = _Watch(self)
         self._dlq_seen = 0
         self._dlq_norms: set[Norm] = set()
         self._dlq_at: dict[tuple[str, int, int], list[FakeRecord]] = {}
@@ -446,11 +517,15 @@ class World:
 
     async def play(self) -> None:
         logger = logging.getLogger("stream.pipeline")
+        level = logger.level
+        if logger.getEffectiveLevel() > logging.WARNING:  # the timeouts are warnings
+            logger.setLevel(logging.WARNING)
         logger.addHandler(self.errors)
         try:
             await self._play()
         finally:
             logger.removeHandler(self.errors)
+            logger.setLevel(level)
         for text in self.errors.events:
             self.problem(text)
         for text in self.kafka.errors:
@@ -480,6 +555,7 @@ class World:
         self.phase = "healed"
         self.api.healthy = True
         self.write_delays.override = WriteDelay()
+        self.ledger_delays.override = WriteDelay()
         self.kafka.commit_faults.override = CommitFault()
         member = await self.start_member()
         s = self.settings
@@ -492,6 +568,17 @@ class World:
         await self._settle_background()
         self.check_safety("at the end")
         self.check_end()
+        self.check_ledger()
+
+    def timed_out(self, event: str) -> None:
+        """A member logged a revoke or drain timeout (from within its revoke callback or its run task)."""
+        task = asyncio.current_task()
+        for member in self.members:
+            if task is member.task or task in member.source._callbacks:
+                member.timeouts.append((self.wall(), event))
+                self.kafka.trace.append(f"{self.wall():.2f} {member.name}: {event}")
+                return
+        self.problem(f"{event} logged by a task of no member")
 
     def _input_committed(self) -> bool:
         return all(self.kafka.committed.get(tp, 0) >= self.kafka.end_offset(tp) or not self.kafka.logs[tp]
@@ -740,6 +827,134 @@ class World:
             if reason == "retry_exhausted" and not self.settings.retry_max_seconds:
                 self.problem("retry_exhausted although STREAM_RETRY_MAX_SECONDS is 0")
 
+    # -- the ledger's promise ---------------------------------------------------------------------------------
+
+    def check_ledger(self, mode: str | None = None) -> None:
+        """With the ledger (on or shadow): every sample the API accepted, and said so readably to the member that
+        sent it, has a ledger record written at that moment, in a partition of its number. With it on: no sample
+        is accepted twice, except where an earlier acceptance could not be remembered (`_unsecured`) or where the
+        sample can be screened under more than one partition number. `mode` overrides the settings' (a test
+        shows that the check sees the duplicates of a run without the ledger)."""
+        mode = mode or self.settings.ledger
+        if mode == "shadow":
+            self._check_shadow()
+        if mode == "off":
+            return
+        latest = self.wall() + FUTURE_TOLERANCE_NS / 1e9
+        for sample in self.valid_norms:  # what the ledger cannot remember by design (README): none in this input
+            if not -(2**63) / 1e9 < sample[3][0] <= min(latest, (2**63 - 1) / 1e9):
+                self.problem(f"the input holds a sample the ledger cannot remember: {_short(sample)}")
+        members = {m.name: m for m in self.members}
+        numbers = self._ledger_numbers()
+        written: dict[tuple[str, float], list[tuple[Write, set[tuple[str, str, int]]]]] = defaultdict(list)
+        for write in self.kafka.writes:
+            if write.topic == LEDGER:
+                record = decode_record(write.value)
+                keys = {(record.user_id, record.data_type, p) for d in record.devices for p in unpack(d.prints)}
+                written[(write.member, write.written)].append((write, keys))
+        history: dict[Norm, list[tuple[int, Request, str | None]]] = defaultdict(list)
+        for index, request in enumerate(self.api.requests):
+            member = members[request.member]
+            writes = written.get((request.member, request.answered), []) if request.answered is not None else []
+            for i in sorted(request.accepted):
+                sample = request.norms[i]
+                why = self._unsecured(member, index, request, i, writes, numbers[sample])
+                history[sample].append((index, request, why))
+        if mode != "on":
+            return
+        # A non-co-partitioned assignment gives input partition N and pending partition N (one ledger partition)
+        # to two members, each screening against its own copy of the state: a parked copy may then be sent once
+        # more (README: the ledger works per partition number). Only parked copies get that allowance.
+        parked: Counter[Norm] = Counter()
+        if self.kafka.split_rebalances:
+            for tp in self.kafka.tps(PENDING):
+                for record in self.kafka.logs[tp]:
+                    if self._ours(record):
+                        parked.update(set(self._pending_norms(record)))
+        for sample, acceptances in history.items():
+            allowed = len(numbers[sample]) + parked[sample]
+            remembered = 0
+            for k, (_, _, why) in enumerate(acceptances):
+                if remembered >= allowed:
+                    lines = [f"{r.at - WALL0 - START:.2f} s by {r.member} (request {i}): {w or 'remembered'}"
+                             for i, r, w in acceptances[: k + 1]]
+                    self.duplicates.append(
+                        f"DUPLICATE: {_short(sample)} accepted {k + 1} times although the ledger knew it (partition "
+                        f"numbers {sorted(numbers[sample])}, parked copies {parked[sample]}): " + "; ".join(lines))
+                    self.problem(self.duplicates[-1])
+                    break
+                if why is None:
+                    remembered += 1
+
+    def _unsecured(self, member: Member, index: int, request: Request, i: int,
+                   writes: list[tuple[Write, set[tuple[str, str, int]]]], numbers: set[int]) -> str | None:
+        """Why the ledger may not know that the API accepted sample `i` of `request` (the causes the README
+        allows); None when it must: the answer told the member readably, and the member's ledger record of it
+        was in the ledger topic before the member's hold on its partitions ended."""
+        sample = request.norms[i]
+        if request.answered is None:
+            if request.lost_in_crash or (request.cancelled is None and member.source.dead):
+                return "in flight when its member crashed"
+            if request.cancelled is not None:
+                start, end, _ = member.tenure(request.cancelled)
+                if event := member.timed_out(start, end):
+                    return f"in flight when its member gave up waiting ({event})"
+                return None  # cancelled without a timeout: not an allowed cause (a later copy is a finding)
+            self.problem(f"request {index} ({request.member}) was never answered nor given up")
+            return None
+        if i not in request.told:
+            status = request.reply.status if request.reply else None
+            return f"the answer ({status}) did not say readably that it was accepted"
+        key = (request.user_id, request.data_type, request.prints[i])
+        mine = [write for write, keys in writes if key in keys]
+        if not mine:
+            if self.settings.ledger == "off":  # (a run without the ledger, checked as if it had one)
+                return None
+            self.problem(f"{_short(sample)} accepted by request {index} ({request.member}), and so told, has no "
+                         "ledger record")
+            return None
+        if not any(write.partition in numbers for write in mine):
+            self.problem(f"{_short(sample)} recorded in ledger partition {[w.partition for w in mine]}, not one of "
+                         f"its numbers {sorted(numbers)}")
+        start, end, kind = member.tenure(request.answered)
+        if any(write.landed is not None and write.landed <= end for write in mine):
+            return None
+        if kind == "crash":
+            return "its ledger record was not in Kafka when its member crashed"
+        if event := member.timed_out(start, end):
+            return f"its ledger record was not in Kafka when its member let its partitions go ({event})"
+        # A revoke or a stop that did not run out of time waits for every ledger record: the next owner of the
+        # partition would restore a ledger that does not know these samples.
+        self.problem(f"{_short(sample)} accepted by request {index} ({request.member}): its ledger record was not in "
+                     f"Kafka when the member's {kind} ended at {end - WALL0 - START:.2f} s, without a timeout")
+        return None
+
+    def _ledger_numbers(self) -> dict[Norm, set[int]]:
+        """The partition numbers under which each sample can be screened: those of the input partitions that
+        hold it, and of the pending partitions where a copy of it was parked."""
+        numbers: dict[Norm, set[int]] = defaultdict(set)
+        for tp in self.kafka.tps(TOPIC):
+            for record in self.kafka.logs[tp]:
+                for sample in record.meta.valid:
+                    numbers[sample].add(tp.partition)
+        for tp in self.kafka.tps(PENDING):
+            for record in self.kafka.logs[tp]:
+                if self._ours(record):
+                    for sample in self._pending_norms(record):
+                        numbers[sample].add(tp.partition)
+        return numbers
+
+    def _check_shadow(self) -> None:
+        """Shadow mode decides but sends all it would send without the ledger: nothing held back as a duplicate
+        or dead-lettered as beyond the horizon."""
+        for member in self.members:
+            registry = member.pipeline.metrics.registry
+            for data_type in VALUES:
+                if registry.get_sample_value("stream_samples_total", {"outcome": "duplicate", "data_type": data_type}):
+                    self.problem(f"shadow mode: {member.name} held samples back as duplicates")
+            if registry.get_sample_value("stream_dead_letters_total", {"reason": "beyond_ledger_horizon"}):
+                self.problem(f"shadow mode: {member.name} dead-lettered samples beyond the horizon")
+
     def report(self) -> str:
         lines = ["problems:", *self.problems, "", "trace (last lines):", *self.kafka.trace[-40:], "", "requests:"]
         for request in self.api.requests[-25:]:
@@ -831,3 +1046,45 @@ def test_a_fetch_that_finished_before_a_rebalance_giving_the_partition_back_lets
     )
     world = run(scenario)
     assert not world.problems, world.report()
+
+
+# -- the ledger's promise, on two fixed stories ---------------------------------------------------------------
+
+def _three_samples_then_a_hand_off(ledger: str) -> Scenario:
+    # u1's three samples (partition 0) leave as one batch at 0.1 s and are accepted; their ledger record takes
+    # 6 s to reach Kafka. At 0.5 s a second member joins: m0's revoke waits for that record (within its 8 s),
+    # then the next rebalance gives partition number 0 to m1 (input, pending and ledger partition 0). At 2 s the
+    # producer re-sends the three records, which m1 reads after restoring ledger partition 0: it knows them, so
+    # they are duplicates, not sent. (Without the wait m1 would restore before the record is in Kafka, and send
+    # them again.)
+    singles = [EventSpec("single", 0, "steps", (SampleSpec(m, 0, 1, 0, False, False, False),)) for m in range(3)]
+    dups = [EventSpec("dup", copy_of=k, delay=2.0 if k == 0 else 0.0) for k in range(3)]
+    return Scenario(
+        settings={"batch_max_samples": 3, "batch_window_seconds": 0.2, "min_batch_hold_seconds": 3.0,
+                  "min_batch_max_age_seconds": 6.0, "commit_interval_seconds": 0.2, "revoke_timeout_seconds": 8.0,
+                  "drain_timeout_seconds": 8.0, "ledger": ledger},
+        partitions=2, pending_partitions=2, events=(*singles, *dups),
+        actions=(Action("start", 0.5), Action("rebalance", 0.0, plan=(1,))),
+        replies=(), write_delays=(), commit_faults=(),
+        poison=(), max_records=5, session_timeout=0.5, tail=10.0, end_crash=False, end_land=False,
+        foreign=False, seed=0, keyed=True, ledger_write_delays=(WriteDelay(6.0, 0.0), WriteDelay()),
+    )
+
+
+def test_a_sample_accepted_before_a_hand_off_is_not_sent_again_by_the_next_owner():
+    world = run(_three_samples_then_a_hand_off("on"))
+    assert not world.problems, world.report()
+    assert any(line.endswith("assign m1: g-pending-0,g-pending-1,samples-0,samples-1") for line in world.kafka.trace)
+    assert world.api.accepted_count == 3, world.report()
+    m1 = world.members[1].pipeline.metrics.registry
+    assert m1.get_sample_value("stream_samples_total", {"outcome": "duplicate", "data_type": "steps"}) == 3
+
+
+def test_the_ledger_check_sees_the_duplicates_of_a_run_without_the_ledger():
+    # The same story without the ledger: the re-sent copies reach the API again, which the check must call
+    # duplicates if the ledger were on (it is not vacuous).
+    world = run(_three_samples_then_a_hand_off("off"))
+    assert not world.problems, world.report()
+    assert world.api.accepted_count == 6, world.report()
+    world.check_ledger("on")
+    assert len(world.duplicates) == 3, world.duplicates

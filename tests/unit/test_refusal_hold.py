@@ -22,7 +22,7 @@ class Writer:
     def __init__(self) -> None:
         self.writes: list[tuple[str, bytes, dict[str, bytes]]] = []
 
-    def write(self, topic, key, value, headers):
+    def write(self, topic, key, value, headers, partition=None):
         self.writes.append((topic, value, dict(headers)))
         return asyncio.get_running_loop().create_future()
 

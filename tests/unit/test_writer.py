@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NamedTuple
 
 import msgspec
 import pytest
@@ -17,6 +18,12 @@ SETTINGS = msgspec.convert({"api_token": "t", "metrics_port": 0, "retry_backoff_
                             "retry_backoff_max_seconds": 0.01}, config.Settings)
 
 
+class Delivered(NamedTuple):
+    """What aiokafka's send future resolves to (RecordMetadata), as far as the writer reads it."""
+
+    offset: int
+
+
 class Producer:
     """Takes records into a batch at once; acknowledges (or fails) them only when the test says so."""
 
@@ -24,6 +31,7 @@ class Producer:
         self.unacknowledged: list[tuple[bytes, asyncio.Future]] = []
         self.sent: list[bytes] = []
         self.most_in_hand = 0
+        self.acknowledged = 0  # the next offset
 
     async def send(self, topic, value, key, headers, partition=None):
         delivery = asyncio.get_running_loop().create_future()
@@ -36,7 +44,8 @@ class Producer:
         taken, self.unacknowledged = self.unacknowledged, []
         for _, delivery in taken:
             if error is None:
-                delivery.set_result(None)
+                delivery.set_result(Delivered(self.acknowledged))
+                self.acknowledged += 1
             else:
                 delivery.set_exception(error)
         return len(taken)

@@ -4,6 +4,7 @@ cancelled before it ever ran (a revoke can do that)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import msgspec
 from aiokafka.errors import MessageSizeTooLargeError
@@ -29,7 +30,7 @@ class TooLargeForKafka:
             raise MessageSizeTooLargeError()
         self.written.append((value, headers))
         done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
+        done.set_result(SimpleNamespace(offset=len(self.written) - 1))  # aiokafka's RecordMetadata, as read
         return done
 
 
