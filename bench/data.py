@@ -42,6 +42,66 @@ def throughput_records(events: int, users: int, seed: int = 7) -> list[tuple[byt
     return out
 
 
+def session_records(
+    events: int, users: int, seed: int = 7, concurrent: int = 50, lengths: tuple[int, int] = (30, 300)
+) -> list[tuple[bytes, bytes]]:
+    """`events` single-sample events of phones syncing in sessions: `concurrent` sessions active at a time.
+
+    A session is one user's upload of one data type: `lengths[0]`-`lengths[1]` consecutive samples (uniform),
+    sent as single-sample events keyed by user_id. At each next event one of the active sessions is picked
+    at random and sends its next sample; when a session ends a new one starts at once, for a random (user,
+    data type) not active at that moment (another user, or the same one later). A (user, data type) thus never
+    has two sessions active at once, and its sessions follow one another in time: every (user, data type)'s
+    events are in chronological order in the topic, as in throughput_records. The users are the same as
+    throughput_records' for the same seed and count. The topic ends after `events` events: the sessions still
+    active then are cut short. `concurrent` is capped at the number of (user, data type) pairs.
+    """
+    lo, hi = lengths
+    if not 1 <= lo <= hi:
+        raise ValueError(f"lengths must be 1 <= min <= max, got {lengths}")
+    data = WearableData(seed=seed)
+    keys = [(u, t) for u in data.user_ids(users) for t in DATA_TYPES]
+    concurrent = max(1, min(concurrent, len(keys)))
+    rng = random.Random(seed)
+    # Pass 1, counts only: which (user, data type) sends each event.
+    active: set[int] = set()
+    slot_key: list[int] = []
+    slot_left: list[int] = []
+
+    def start(slot: int | None) -> None:
+        while True:
+            k = rng.randrange(len(keys))
+            if k not in active:
+                break
+        active.add(k)
+        if slot is None:
+            slot_key.append(k)
+            slot_left.append(rng.randint(lo, hi))
+        else:
+            slot_key[slot], slot_left[slot] = k, rng.randint(lo, hi)
+
+    for _ in range(concurrent):
+        start(None)
+    order: list[int] = []
+    counts = [0] * len(keys)
+    for _ in range(events):
+        slot = rng.randrange(concurrent)
+        k = slot_key[slot]
+        order.append(k)
+        counts[k] += 1
+        slot_left[slot] -= 1
+        if not slot_left[slot]:
+            active.discard(k)
+            start(slot)
+    # Pass 2: each (user, data type)'s samples, chronological over all its sessions, handed out in event order.
+    lanes: dict[int, list[tuple[bytes, bytes]]] = {}
+    for k, count in enumerate(counts):
+        if count:
+            user_id, data_type = keys[k]
+            lanes[k] = [(r.key, r.value) for r in data.records(user_id, data_type, count)][::-1]
+    return [lanes[k].pop() for k in order]
+
+
 def many_keys_records(keys: int, seed: int = 13) -> tuple[list[tuple[bytes, bytes]], int]:
     """One record per sample for `keys` distinct users with 1 or 2 samples each (one data type per user).
 

@@ -1,8 +1,14 @@
 """`python -m bench`: the service against its ceilings and against Quix Streams, in one run, on this machine.
 
 One local Apache Kafka broker (stream.localkafka) and one sandbox API (``stream sandbox --fast``, a
-subprocess) serve every contender. A topic of ``--events`` single-sample events of ``--users`` users is
-produced once and read by each contender with its own fresh consumer group:
+subprocess) serve every contender. For each workload of ``--workload`` a topic of ``--events`` single-sample
+events of ``--users`` users is produced once and read by each contender with its own fresh consumer group:
+
+  random    each event from a random (user, data type): the worst case for batching (data.throughput_records)
+  sessions  phones syncing in sessions of 30-300 samples of one data type, 50 sessions active at a time,
+            their events interleaved at random (data.session_records; --session-concurrency/--session-lengths)
+
+The contenders, run on each workload's topic:
 
   (a) aiokafka consumer, records discarded       -- the Kafka client's ceiling  (bench/consume.py)
   (b) (a) + msgspec decoding of every value       -- the client + decoding ceiling (bench/consume.py)
@@ -17,6 +23,8 @@ Each contender is a subprocess, so its CPU time (user+sys from /proc/PID/stat) a
   with start-up      samples at the 99 % mark / time from spawning the process to the 99 % mark
   CPU s / M samples  the process's CPU seconds at the 99 % mark per million samples
   peak RSS           VmHWM at the end of the contender's run
+  samples / request  (c)/(d): mean samples a POST carried ((d): its stream_batch_size_samples histogram; (c): the
+                     sandbox's accepted samples / requests)
 
 Then: a latency run (events produced at a fixed rate while ``stream run`` runs with a 1 s window; from each
 record's Kafka timestamp to the moment the sandbox, in this process, accepts its sample), a dead-letter run
@@ -25,7 +33,11 @@ dead-letter topic and what CPU that costs), a many-keys run (RSS per buffered sa
 ``--keys`` users of 1-2 samples each, which can never be sent), and a micro-benchmark of the service's
 window bookkeeping (stream.batching.Batcher) for growing key counts and of decode_record, and a ledger restore
 (1M remembered samples read back from a ledger topic and loaded: the cost of an assignment).
-Results: a table on stdout, ``bench/results/latest.json`` and ``bench/results/latest.md``.
+Those runs are made once per benchmark, whatever ``--workload`` says. Results: a table on stdout,
+``bench/results/latest.json`` and ``bench/results/latest.md``. In the JSON each workload's throughput results
+are under ``workloads.<name>`` (``produce``, ``contenders``, ``ratios``, ``targets``); the top-level
+``produce``, ``contenders`` and ``ratios`` repeat the random workload's (as before there were workloads);
+``phase_seconds`` holds the wall-clock seconds of each part of the run.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from aiohttp import web
 from bench import data, decodebench, ledgerbench, microbench, proc, report, snapshot
 
 ALL = ("a", "b", "c", "d", "latency", "deadletters", "keys", "ledger")
+WORKLOADS = ("random", "sessions")
 TOKEN = "bench-token"
 RESULTS = Path(__file__).resolve().parent / "results"
 POLL = 0.025  # seconds between progress polls of the sandbox
@@ -381,7 +394,9 @@ async def run_sandbox_polled(
         usage_end = contender.usage()
         stats = await bench.sandbox_stats()
         extra["sandbox"] = {k: stats.get(k) for k in ("requests", "min_batch", "max_batch", "status_counts",
-                                                       "rejected_samples", "accepted_batches")}
+                                                       "accepted_samples", "rejected_samples", "accepted_batches")}
+        if stats.get("requests"):  # every POST of the run, retries and refused ones included
+            extra["samples_per_request"] = stats.get("accepted_samples", 0) / stats["requests"]
         if metrics_port:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 text = await bench.metrics_text(metrics_port)
@@ -390,6 +405,7 @@ async def run_sandbox_polled(
                     "batches": prom_value(text, "stream_batches_total"),
                     "fetch_paused_now": prom_value(text, "stream_fetch_paused"),
                     "buffered_samples_now": prom_value(text, "stream_buffered_samples"),
+                    **batch_size_metrics(text),
                 }
     finally:
         code = await contender.stop()
@@ -397,25 +413,58 @@ async def run_sandbox_polled(
     return {**contender_figures(marks, total, usage_end, other0), **extra}
 
 
-async def run_throughput(bench: Bench, which: list[str]) -> None:
+def batch_size_metrics(text: str) -> dict[str, Any]:
+    """Samples per request from `stream run`'s stream_batch_size_samples histogram (when it exposes one)."""
+    name = "stream_batch_size_samples"
+    count = prom_value(text, name + "_count")
+    if not count:
+        return {}
+    return {
+        "batch_size_requests": count,
+        "batch_size_mean": prom_value(text, name + "_sum") / count,
+        "batch_size_p50_le": prom_histogram_quantile(text, name, 0.5),
+    }
+
+
+def workload_records(args: argparse.Namespace, workload: str) -> list[tuple[bytes, bytes]]:
+    if workload == "sessions":
+        return data.session_records(args.events, args.users, seed=args.seed, concurrent=args.session_concurrency,
+                                    lengths=args.session_lengths)
+    return data.throughput_records(args.events, args.users, seed=args.seed)
+
+
+def workload_description(args: argparse.Namespace, workload: str) -> dict[str, Any]:
+    if workload == "sessions":
+        lo, hi = args.session_lengths
+        return {"description": f"phones syncing in sessions of {lo}-{hi} samples of one data type, "
+                f"{args.session_concurrency} sessions active at a time, their events interleaved at random",
+                "session_concurrency": args.session_concurrency, "session_lengths": [lo, hi]}
+    return {"description": "each event from a random (user, data type): the worst case for batching"}
+
+
+async def run_throughput(bench: Bench, which: list[str], workload: str) -> dict[str, Any]:
+    """Produce the workload's topic and run the throughput contenders `which` on it; returns the workload's
+    results: {"produce", "contenders", ...}."""
     args = bench.args
-    topic = f"bench-samples-{tag()}"
+    out: dict[str, Any] = workload_description(args, workload)
+    topic = f"bench-{workload}-{tag()}"
     await data.create_topics(bench.bootstrap, [topic], args.partitions)
     t0 = time.monotonic()
-    records = data.throughput_records(args.events, args.users, seed=args.seed)
+    records = workload_records(args, workload)
     generated = time.monotonic() - t0
-    print(f"producing {len(records):,} events of {args.users:,} users to {topic} ({args.partitions} partitions) ...",
-          flush=True)
+    keys = len({key for key, _ in records})
+    print(f"[{workload}] producing {len(records):,} events of {keys:,} users to {topic} ({args.partitions} "
+          f"partitions) ...", flush=True)
     seconds = await data.produce(bench.bootstrap, topic, records)
     total = await data.end_offsets(bench.bootstrap, topic)
     if total != len(records):
         raise RuntimeError(f"topic holds {total} records, {len(records)} were produced")
     del records
-    bench.results["produce"] = {"topic": topic, "records": total, "generate_seconds": generated,
-                                "produce_seconds": seconds, "records_per_s": total / seconds}
-    contenders = bench.results.setdefault("contenders", {})
+    out["produce"] = {"topic": topic, "records": total, "users": keys, "generate_seconds": generated,
+                      "produce_seconds": seconds, "records_per_s": total / seconds}
+    contenders = out["contenders"] = {}
     for name in which:
-        print(f"contender ({name}) {report.CONTENDERS[name]} ...", flush=True)
+        print(f"[{workload}] contender ({name}) {report.CONTENDERS[name]} ...", flush=True)
         try:
             if name == "a":
                 result = await run_self_reporting(bench, "a", "plain", topic, total)
@@ -432,6 +481,7 @@ async def run_throughput(bench: Bench, which: list[str]) -> None:
             print("  " + report.contender_line(name, result), flush=True)
         contenders[name] = result
         await asyncio.sleep(1.0)  # let the broker settle between contenders
+    return out
 
 
 async def run_quix(bench: Bench, topic: str, total: int) -> dict[str, Any]:
@@ -798,6 +848,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=5000, help="users in that topic (5000)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (4)")
     p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)} (all)")
+    p.add_argument("--workload", default=",".join(WORKLOADS),
+                   help="comma-separated workloads the throughput contenders (a)-(d) run on, each on its own topic: "
+                   "random (each event from a random user), sessions (users syncing in sessions) (random,sessions)")
+    p.add_argument("--session-concurrency", type=int, default=50,
+                   help="sessions active at a time in the sessions workload (50)")
+    p.add_argument("--session-lengths", default="30,300", metavar="MIN,MAX",
+                   help="samples per session in the sessions workload, uniform between MIN and MAX (30,300)")
     p.add_argument("--latency-rate", type=float, default=20_000, help="samples/s in the latency run (20000)")
     p.add_argument("--latency-seconds", type=float, default=20, help="length of the latency run (20)")
     p.add_argument("--latency-users", type=int, default=200,
@@ -831,10 +888,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only_set) - set(ALL)
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}; choose among {','.join(ALL)}")
+    workloads = {s.strip() for s in args.workload.split(",") if s.strip()}
+    if not workloads or workloads - set(WORKLOADS):
+        p.error(f"--workload: unknown {sorted(workloads - set(WORKLOADS))}; choose among {','.join(WORKLOADS)}")
+    args.workloads = [w for w in WORKLOADS if w in workloads]  # always random first
+    try:
+        lo, hi = (int(x) for x in args.session_lengths.split(","))
+    except ValueError:
+        p.error(f"--session-lengths: expected MIN,MAX, got {args.session_lengths!r}")
+    if not 1 <= lo <= hi:
+        p.error(f"--session-lengths: expected 1 <= MIN <= MAX, got {lo},{hi}")
+    args.session_lengths = (lo, hi)
+    if args.session_concurrency < 1:
+        p.error("--session-concurrency: at least 1")
     return args
 
 
-_NOT_PARAMS = ("output", "markdown", "only_set", "stream_setting")
+_NOT_PARAMS = ("output", "markdown", "only_set", "stream_setting", "workload")
 
 
 def _tree_hash(package: Path) -> str:
@@ -865,8 +935,30 @@ def code_version() -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def phase(results: dict[str, Any], name: str):
+    """Record the wall-clock seconds of one part of the run in results["phase_seconds"]."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        results.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 1)
+
+
+async def run_part(results: dict, key: str, label: str, run: Callable[[], Awaitable[dict]],
+                   line: Callable[[dict], str]) -> None:
+    """One optional part of the run: its figures under `key`, or the error that stopped it (the rest goes on)."""
+    try:
+        results[key] = await run()
+        print("  " + line(results[key]), flush=True)
+    except Exception as exc:
+        results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"  {label} FAILED: {results[key]['error']}", flush=True)
+
+
 async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | None, kafka_version: str) -> dict:
     workdir = snapshot.WORKDIR or Path(tempfile.mkdtemp(prefix="stream-bench-"))
+    run_started = time.monotonic()
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
@@ -889,60 +981,58 @@ async def run_all(args: argparse.Namespace, bootstrap: str, broker_pid: int | No
         try:
             throughput = [c for c in ("a", "b", "c", "d") if c in args.only_set]
             if throughput:
-                await run_throughput(bench, throughput)
+                workloads = results["workloads"] = {}
+                for workload in args.workloads:
+                    with phase(results, workload):
+                        workloads[workload] = await run_throughput(bench, throughput, workload)
+                    workloads[workload]["ratios"] = report.ratios(workloads[workload]["contenders"])
+                    workloads[workload]["targets"] = report.targets(workload, workloads[workload]["contenders"])
+                if "random" in workloads:  # where readers of results from before the workloads look for them
+                    for key in ("produce", "contenders", "ratios"):
+                        results[key] = workloads["random"][key]
             if "latency" in args.only_set:
-                print("latency run: `stream run` with STREAM_BATCH_WINDOW_SECONDS=1 ...", flush=True)
-                try:
-                    results["latency"] = await run_latency(bench)
-                    print("  " + report.latency_line(results["latency"]), flush=True)
-                except Exception as exc:
-                    results["latency"] = {"error": f"{type(exc).__name__}: {exc}"}
-                    print(f"  latency FAILED: {results['latency']['error']}", flush=True)
+                with phase(results, "latency"):
+                    print("latency run: `stream run` with STREAM_BATCH_WINDOW_SECONDS=1 ...", flush=True)
+                    await run_part(results, "latency", "latency", lambda: run_latency(bench), report.latency_line)
             if "deadletters" in args.only_set:
-                print(f"dead-letter run: {args.dead_letters:,} invalid events, one dead letter each ...", flush=True)
-                try:
-                    results["dead_letters"] = await run_dead_letters(bench)
-                    print("  " + report.dead_letters_line(results["dead_letters"], results.get("contenders")),
+                with phase(results, "deadletters"):
+                    print(f"dead-letter run: {args.dead_letters:,} invalid events, one dead letter each ...",
                           flush=True)
-                except Exception as exc:
-                    results["dead_letters"] = {"error": f"{type(exc).__name__}: {exc}"}
-                    print(f"  dead letters FAILED: {results['dead_letters']['error']}", flush=True)
+                    await run_part(results, "dead_letters", "dead letters", lambda: run_dead_letters(bench),
+                                   lambda found: report.dead_letters_line(found, report.ceiling(results)))
             if "keys" in args.only_set:
-                print(f"many-keys run: {args.keys:,} users with 1-2 samples each ...", flush=True)
-                try:
-                    results["keys"] = await run_keys(bench)
-                    print("  " + report.keys_line(results["keys"]), flush=True)
-                except Exception as exc:
-                    results["keys"] = {"error": f"{type(exc).__name__}: {exc}"}
-                    print(f"  keys FAILED: {results['keys']['error']}", flush=True)
-                sizes = sorted({min(int(s), args.keys) for s in args.micro_sizes.split(",") if s.strip()})
-                print(f"Batcher micro-benchmark: {sizes} keys ...", flush=True)
-                try:
-                    results["batcher_micro"] = await asyncio.to_thread(microbench.run, sizes)
-                except Exception as exc:
-                    results["batcher_micro_error"] = f"{type(exc).__name__}: {exc}"
-                    print(f"  micro-benchmark FAILED: {results['batcher_micro_error']}", flush=True)
-                results["decode_micro"] = await asyncio.to_thread(decodebench.run)
-                print("  " + report.decode_line(results["decode_micro"]), flush=True)
+                with phase(results, "keys"):
+                    print(f"many-keys run: {args.keys:,} users with 1-2 samples each ...", flush=True)
+                    await run_part(results, "keys", "keys", lambda: run_keys(bench), report.keys_line)
+                    sizes = sorted({min(int(s), args.keys) for s in args.micro_sizes.split(",") if s.strip()})
+                    print(f"Batcher micro-benchmark: {sizes} keys ...", flush=True)
+                    try:
+                        results["batcher_micro"] = await asyncio.to_thread(microbench.run, sizes)
+                    except Exception as exc:
+                        results["batcher_micro_error"] = f"{type(exc).__name__}: {exc}"
+                        print(f"  micro-benchmark FAILED: {results['batcher_micro_error']}", flush=True)
+                    results["decode_micro"] = await asyncio.to_thread(decodebench.run)
+                    print("  " + report.decode_line(results["decode_micro"]), flush=True)
             if "ledger" in args.only_set:
-                print("ledger restore: 1M remembered samples in one partition ...", flush=True)
-                try:
-                    results["ledger_restore"] = await ledgerbench.run(bootstrap)
-                    print("  " + report.ledger_line(results["ledger_restore"]), flush=True)
-                except Exception as exc:
-                    results["ledger_restore"] = {"error": f"{type(exc).__name__}: {exc}"}
-                    print(f"  ledger restore FAILED: {results['ledger_restore']['error']}", flush=True)
+                with phase(results, "ledger"):
+                    print("ledger restore: 1M remembered samples in one partition ...", flush=True)
+                    try:
+                        results["ledger_restore"] = await ledgerbench.run(bootstrap)
+                        print("  " + report.ledger_line(results["ledger_restore"]), flush=True)
+                    except Exception as exc:
+                        results["ledger_restore"] = {"error": f"{type(exc).__name__}: {exc}"}
+                        print(f"  ledger restore FAILED: {results['ledger_restore']['error']}", flush=True)
         finally:
             assert bench.sandbox is not None
             await bench.sandbox.stop()
     results["machine"]["load_average_end"] = list(os.getloadavg())
+    results["seconds"] = round(time.monotonic() - run_started, 1)  # the broker's start-up not included
     if _tree_hash(Path(results["code"]["measured_from"])) != results["code"]["stream_sha256"]:
         results["code"]["changed_during_run"] = True
         print("WARNING: the measured copy of stream/ changed during the run: its figures mix two versions",
               flush=True)
     if _tree_hash(snapshot.REPO / "stream") != results["code"]["stream_sha256"]:
         results["code"]["working_tree_differs"] = True  # edited since the copy was taken: fine, the copy was run
-    results["ratios"] = report.ratios(results.get("contenders", {}))
     results["figures"] = report.figures(results)
     return results
 
@@ -963,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(report.markdown(results))
     print(f"\nwrote {args.output} and {args.markdown}")
-    failed = [k for k, v in results.get("contenders", {}).items() if "error" in v]
+    failed = [f"{w}.{k}" for w, workload in results.get("workloads", {}).items()
+              for k, v in workload["contenders"].items() if "error" in v]
     failed += [k for k in ("latency", "dead_letters", "keys") if "error" in results.get(k, {})]
     failed += ["batcher_micro"] if "batcher_micro_error" in results else []
     return 1 if failed else 0

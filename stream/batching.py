@@ -77,6 +77,10 @@ class Work(NamedTuple):
 _by_start = attrgetter("start")
 
 
+def _size(buffer: _Buffer) -> int:
+    return len(buffer.entries)
+
+
 class _Buffer:
     __slots__ = ("entries", "key", "since")
 
@@ -182,6 +186,23 @@ class Batcher:
             buffer = self._buffers.get(key)
             if buffer is not None and len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
                 self._ready.setdefault(key, reason)
+
+    def flush_largest(self, samples: int, reason: str) -> int:
+        """Mark ready the fullest buffers that can make a request, until those ready hold `samples` (memory
+        pressure): the largest batches free the memory needed with the fewest requests, and the smaller
+        buffers go on filling. Returns the samples of the buffers ready now (fewer when not enough can go)."""
+        ready = sum(len(b.entries) for k in self._ready if (b := self._buffers.get(k)) is not None)
+        if ready >= samples:
+            return ready
+        candidates = [b for k, b in self._buffers.items()
+                      if len(b.entries) >= MIN_SAMPLES and k not in self._in_flight and k not in self._ready]
+        candidates.sort(key=_size, reverse=True)
+        for buffer in candidates:
+            self._ready[buffer.key] = reason
+            ready += len(buffer.entries)
+            if ready >= samples:
+                break
+        return ready
 
     def take_small(self, keys: set[Key] | None = None) -> list[Small]:
         """Every idle buffer of 1-2 samples, of all keys or of `keys` (at shutdown: they get parked rather

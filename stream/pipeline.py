@@ -47,6 +47,7 @@ FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are che
 TICK = 0.25
 FETCH_RETRY_SECONDS = 1.0
 RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
+PRESSURE_FLUSH_TO = 0.7  # at the memory bound, the fullest buffers are sent until this share would be left
 
 
 class Pipeline:
@@ -240,9 +241,10 @@ class Pipeline:
         limit = self.settings.max_buffered_samples
         waiting = getattr(self.writer, "pending_bytes", 0)  # bytes of dead letters and tails waiting for Kafka
         if (held >= limit or waiting >= MAX_PENDING_BYTES) and not self.source.paused:
-            # Send every buffer that can be sent now rather than at its window: while fetching is paused,
-            # waiting for windows to close would only idle (the throughput would be limit / window).
-            self.batcher.flush_keys(self.batcher.keys(), "pressure")
+            # Send the fullest buffers now rather than at their window, as many as it takes to resume: while
+            # fetching is paused, waiting for windows to close would only idle (the throughput would be limit /
+            # window), and sending every buffer would make many small requests of the ones just started.
+            self.batcher.flush_largest(held - int(limit * PRESSURE_FLUSH_TO), "pressure")
             self._dispatch()
             self.source.pause()
             self.metrics.paused.set(1)

@@ -552,3 +552,32 @@ def test_a_taken_batch_is_not_kept_alive_by_its_buffer():
     assert len(batch.entries) == 1000
     del batch
     assert sys.getrefcount(body) == before
+
+
+# -- memory pressure -----------------------------------------------------------------------
+
+
+def test_at_pressure_the_fullest_buffers_leave_first_and_only_as_many_as_needed():
+    b = batcher(max_samples=100)
+    sizes = {(f"u{i}", "steps"): n for i, n in enumerate([4, 30, 2, 12, 25, 3])}
+    for key, n in sizes.items():
+        b.add(key, entries(n), now=0.0)
+
+    assert b.flush_largest(50, "pressure") == 55  # 30 + 25: enough
+
+    work = poll(b, now=0.1)  # long before any window
+    assert sorted(len(batch.entries) for batch in work.batches) == [25, 30]
+    assert {batch.reason for batch in work.batches} == {"pressure"}
+    assert b.buffered_samples == 4 + 2 + 12 + 3
+
+
+def test_at_pressure_what_is_ready_already_counts_and_small_buffers_never_go():
+    b = batcher(max_samples=10)
+    b.add(KEY, entries(13), now=0.0)  # full: ready
+    b.add(OTHER, entries(2), now=0.0)
+
+    assert b.flush_largest(5, "pressure") == 13  # the full buffer is ready already: enough
+    assert b.flush_largest(100, "pressure") == 13  # nothing else can make a request
+
+    work = poll(b, now=0.1)
+    assert [(batch.key, len(batch.entries)) for batch in work.batches] == [(KEY, 10)]
