@@ -60,6 +60,26 @@ def device_of(body: bytes) -> bytes:
     return match.group(0) if match else body[_DEVICE_AT:]
 
 
+class DeviceOf:
+    """device_of for a run of bodies that mostly share their device (a batch, a device's samples in a row): when
+    a body starts like the previous one up to the end of its device_name, the device is the previous one's."""
+
+    __slots__ = ("_device", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix: bytes | None = None
+        self._device = b""
+
+    def __call__(self, body: bytes) -> bytes:
+        # Equal bytes up to the previous device_name's closing quote: the same string, whatever its escapes.
+        if self._prefix is not None and body.startswith(self._prefix):
+            return self._device
+        device = device_of(body)
+        self._prefix = body[: _DEVICE_AT + len(device)]
+        self._device = device
+        return device
+
+
 class _Device:
     __slots__ = ("prints", "starts", "watermark")
 
@@ -96,7 +116,14 @@ class Ledger:
 
     def decide(self, partition: int, key: DeviceKey, start: int, body: bytes) -> tuple[str, int]:
         """(what the sample is, how far behind its device's watermark it starts in ns: 0 when NEW)."""
-        device = self._devices.get((partition, key))
+        return self.judge(self._devices.get((partition, key)), start, body)
+
+    def device(self, partition: int, key: DeviceKey) -> _Device | None:
+        """A device's state, to `judge` several of its samples with one lookup (None: never seen)."""
+        return self._devices.get((partition, key))
+
+    def judge(self, device: _Device | None, start: int, body: bytes) -> tuple[str, int]:
+        """`decide`, for a device looked up already."""
         if device is None or device.watermark is None or start > device.watermark or start < _LOWEST:
             return NEW, 0
         behind = device.watermark - start
@@ -127,10 +154,11 @@ class Ledger:
         Samples starting before 1677, after 2262 or more than FUTURE_TOLERANCE_NS after `now_ns` are left out."""
         by_device: dict[bytes, tuple[list[int], list[int]]] = {}
         latest = min(_HIGHEST, now_ns + FUTURE_TOLERANCE_NS)
+        device_in = DeviceOf()
         for start, body in samples:
             if not _LOWEST <= start <= latest:
                 continue
-            starts, prints = by_device.setdefault(device_of(body), ([], []))
+            starts, prints = by_device.setdefault(device_in(body), ([], []))
             starts.append(start)
             prints.append(fingerprint(body))
         devices = []
@@ -191,12 +219,19 @@ class Ledger:
             self._devices.move_to_end(slot)  # the most recently active go last
         return device
 
-    def _add(self, device: _Device, starts: Iterable[int], prints: Iterable[int]) -> None:
+    def _add(self, device: _Device, starts: list[int] | array, prints: list[int] | array) -> None:
         before = len(device.starts)
+        known = device.starts
+        if type(starts) is list and starts and (not known or starts[0] > known[-1]) and starts == sorted(starts):
+            # The common case, a batch just accepted (no two identical samples: copies ride apart) of samples
+            # newer than any remembered, in order: appended as they are.
+            known.extend(starts)
+            device.prints.extend(prints)
+            self._trim(device, before)
+            return
         pairs = sorted(set(zip(starts, prints, strict=True)))
         if not pairs:
             return
-        known = device.starts
         split = bisect_left(pairs, (known[-1] + 1,)) if known else 0  # pairs[split:] are newer than all known
         older = pairs[:split]
         if len(older) > 64:  # many late samples at once (a restore, a backfill): one linear merge
@@ -220,6 +255,10 @@ class Ledger:
                     device.prints.insert(at, print_)
         device.starts.extend(s for s, _ in pairs[split:])
         device.prints.extend(p for _, p in pairs[split:])
+        self._trim(device, before)
+
+    def _trim(self, device: _Device, before: int) -> None:
+        """Move the watermark to the newest start, forget what falls beyond the horizon behind it, count."""
         newest = device.starts[-1]
         if device.watermark is None or newest > device.watermark:
             device.watermark = newest

@@ -77,5 +77,9 @@ def decode_record(value: bytes) -> LedgerRecord:
     return _decode_record(value)
 
 
+def encode_key(key: LedgerKey) -> bytes:
+    return _encode(key)
+
+
 def decode_key(key: bytes) -> LedgerKey:
     return _decode_key(key)

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
-from stream.ledger_format import decode_key, decode_record, unpack
+from stream.ledger_format import LedgerKey, decode_key, decode_record, encode_key, unpack
 
 log = logging.getLogger("stream.ledger")
 
@@ -190,6 +190,7 @@ class Tail:
 
     records: list[tuple[int, bytes | None, bytes | None]]  # (offset, key, value); value None: a tombstone
     end_offset: int  # the partition's end when the read began; the read covers the offsets below it
+    first: int | None = None  # where the read began: above the offset asked for when retention took records
 
 
 @dataclass(slots=True)
@@ -198,6 +199,7 @@ class _Partition:
     latest: dict[bytes, bytes] = field(default_factory=dict)
     records: int = 0
     ordered: list[tuple[int, bytes | None, bytes | None]] | None = None  # every record, when a Tail is read
+    first: int | None = None  # the offset the read began at
 
 
 async def read_partition(options: dict, topic: str, partition: int, *, timeout: float | None = None) -> Restored:
@@ -217,7 +219,7 @@ async def read_since(options: dict, topic: str, partition: int, start: int, *, t
     offset) to its end as of now, every record in order. Raises TimeoutError after `timeout` seconds."""
     [part] = (await _read_to_end(options, topic, [partition], since=start, timeout=timeout)).values()
     assert part.ordered is not None
-    return Tail(part.ordered, part.end_offset)
+    return Tail(part.ordered, part.end_offset, part.first)
 
 
 class EndOffsets:
@@ -234,7 +236,11 @@ class EndOffsets:
             if self._consumer is None:
                 consumer = AIOKafkaConsumer(**self._options, group_id=None, enable_auto_commit=False,
                                             isolation_level="read_committed")
-                await consumer.start()
+                try:
+                    await consumer.start()
+                except BaseException:  # a failed or timed-out start leaves nothing running behind
+                    await consumer.stop()
+                    raise
                 self._consumer = consumer
             tps = [TopicPartition(self._topic, p) for p in partitions]
             ends = await self._consumer.end_offsets(tps)
@@ -277,6 +283,8 @@ async def _read_to_end(
             out = {tp.partition: _Partition(end_offset=ends[tp], ordered=None if since is None else [])
                    for tp in tps}
             starts = {tp: max(firsts[tp], since or 0) for tp in tps}
+            for tp in tps:
+                out[tp.partition].first = starts[tp]
             remaining = {tp for tp in tps if ends[tp] > starts[tp]}
             if remaining:
                 consumer.assign(list(remaining))
@@ -370,16 +378,37 @@ async def write_tombstones(options: dict, topic: str, keys: dict[int, Iterable[b
         await producer.stop()
 
 
+FORGET_DIGEST = "forget"  # the key of a forget marker: a tombstone for no record, in every partition
+
+
+def forget_markers(user_id: str, data_type: str | None, partitions: Iterable[int]) -> dict[int, list[bytes]]:
+    """One tombstone per ledger partition telling running members to forget the user (of a data type, or of
+    all: an empty data type). A member may remember samples whose records the topic no longer holds (they
+    outlive the topic's retention in memory): the markers reach it whatever the topic holds."""
+    key = encode_key(LedgerKey(user_id, data_type or "", FORGET_DIGEST))
+    return {partition: [key] for partition in partitions}
+
+
 async def forget_user(
     options: dict, topic: str, user_id: str, data_type: str | None = None, *, timeout: float | None = None
 ) -> int:
-    """Tombstone every live ledger record of a user (of one data type if given); returns how many.
+    """Tombstone every live ledger record of a user (of one data type if given), and a forget marker in every
+    partition; returns the tombstones written.
 
-    Running members apply the tombstones of the partitions they hold within stream.ledger_sync.FOLLOW_SECONDS;
-    what the API accepts of the user afterwards is remembered again.
+    Running members apply them within stream.ledger_sync.FOLLOW_SECONDS; what the API accepts of the user
+    afterwards is remembered again.
     """
     found = await find_user_records(options, topic, user_id, data_type, timeout=timeout)
-    return await write_tombstones(options, topic, found)
+    partitions = await ledger_partitions(options, topic)
+    return await write_tombstones(options, topic, _with_markers(found, user_id, data_type, partitions))
+
+
+def _with_markers(found: dict[int, dict[bytes, bytes]], user_id: str, data_type: str | None,
+                  partitions: list[int]) -> dict[int, list[bytes]]:
+    keys = {partition: list(latest) for partition, latest in found.items()}
+    for partition, markers in forget_markers(user_id, data_type, partitions).items():
+        keys.setdefault(partition, []).extend(markers)
+    return keys
 
 
 class DeviceSummary(msgspec.Struct, frozen=True):
@@ -520,17 +549,17 @@ def format_table(summaries: list[DeviceSummary]) -> str:
 def _forget(options: dict, topic: str, args: argparse.Namespace) -> int:
     found = asyncio.run(find_user_records(options, topic, args.user, args.data_type, timeout=args.timeout))
     count = sum(len(latest) for latest in found.values())
-    if not count:
-        print(f"the ledger ({topic}) remembers nothing of {_scope(args)}: nothing to forget")
-        return 0
+    partitions = asyncio.run(ledger_partitions(options, topic))
     if not args.yes:
-        answer = input(f"write {count} tombstones to {topic} for {_scope(args)}? [y/N] ")
+        answer = input(f"write {count} tombstones and {len(partitions)} forget markers to {topic} for "
+                       f"{_scope(args)}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing written")
             return 1
-    written = asyncio.run(write_tombstones(options, topic, found))
+    keys = _with_markers(found, args.user, args.data_type, partitions)
+    written = asyncio.run(write_tombstones(options, topic, keys))
     print(
-        f"wrote {written} tombstones to {topic} for {_scope(args)}; running replicas forget the user within "
-        "about 5 s: wait that long before a full re-sync"
+        f"wrote {written} tombstones to {topic} for {_scope(args)} ({count} of its records, a forget marker per "
+        "partition); running replicas forget the user within about 5 s: wait that long before a full re-sync"
     )
     return 0

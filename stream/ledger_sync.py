@@ -11,15 +11,15 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import msgspec
 
 from stream.batching import Entry
 from stream.config import Settings
-from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, Ledger, device_of
-from stream.ledger_format import decode_key, decode_record, encode_record
+from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, DeviceOf, Ledger
+from stream.ledger_format import LedgerRecord, decode_key, decode_record, encode_record
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
 from stream.retry import Backoff
@@ -36,6 +36,12 @@ RESTORE_CHUNK = 500  # ledger records decoded between two yields to the event lo
 # `stream ledger forget`, a member that held a partition too): a forget reaches running members within this.
 FOLLOW_SECONDS = 5.0
 END_OFFSETS_TIMEOUT_SECONDS = 30.0
+# A revoked partition's state is kept for its return at most this long: far less than the ledger topic's
+# delete.retention.ms (a day), past which a forget's tombstones may be gone.
+PARKED_SECONDS = 300.0
+OWN_LIMIT = 100_000  # own writes remembered by offset past the position, per partition (a few follows' worth)
+
+T = TypeVar("T")
 
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
@@ -80,11 +86,12 @@ class LedgerSync:
     """Which ledger partitions this member holds, and how their state follows the topic.
 
     Per partition number held: the state (in `ledger`), the ledger offset up to which it reflects the topic
-    (`_position`), and the offsets of this member's own writes at or past it that are already in the state
-    (`_own`). Every FOLLOW_SECONDS the end offsets tell whether anyone else wrote: when the offsets between the
-    position and the end are all ours, nothing to read; otherwise the records from the position on are read and
-    applied (tombstones forget the user, others' records are merged). A partition revoked is kept (`_parked`)
-    until the next assignment says whether it comes back: then only what was written since is read.
+    (`_position`), this member's own writes at or past it that are already in the state (`_own`, by offset,
+    with their records) and its writes not acknowledged yet (`_unacked`, by key). Every FOLLOW_SECONDS the end
+    offsets tell whether anyone else wrote: when the offsets between the position and the end are all ours,
+    nothing to read; otherwise the records from the position on are read and applied (tombstones forget the
+    user, others' records are merged). A partition revoked is kept (`_parked`) until the next assignment says
+    whether it comes back (within PARKED_SECONDS): then only what was written since is read.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics, store: LedgerStore, holder: Holder,
@@ -105,30 +112,36 @@ class LedgerSync:
         )
         self.ready: set[int] = set()  # partition numbers whose ledger state is restored
         self._restoring: dict[int, asyncio.Task[None]] = {}
+        self._held_since: dict[int, float] = {}  # partition numbers held back for their ledger, since when
         self._assigned: set[TopicPartition] = set()
-        self._parked: set[int] = set()  # revoked, state kept until the next assignment
+        self._parked: dict[int, float] = {}  # revoked, state kept until the next assignment: since when
         self._position: dict[int, int] = {}
-        self._own: dict[int, set[int]] = {}
+        self._own: dict[int, dict[int, LedgerRecord]] = {}
+        self._unacked: dict[int, dict[bytes, LedgerRecord]] = {}
         self._states = 0  # a new number for each state built (own writes acknowledged later name the one they fed)
         self._state_of: dict[int, int] = {}
-        self._changes = 0  # assignments and revokes so far: a follow that saw one while reading drops its read
         self._next_follow = 0.0
-        self._following: asyncio.Task[None] | None = None
+        self._following: asyncio.Task[int] | None = None
         self._evicted = 0
         self._restores = asyncio.Semaphore(RESTORE_CONCURRENCY)
         self._rng = random.Random()
         metrics.ledger_entries.set_function(lambda: self.ledger.entries)
         metrics.ledger_bytes.set_function(lambda: self.ledger.resident_bytes)
+        metrics.ledger_held.set_function(self._oldest_hold)
 
     async def ensure(self) -> None:
         self.partition_count = await self.store.ensure()
+
+    def _oldest_hold(self) -> float:
+        now = self.clock()
+        return max((now - since for since in self._held_since.values()), default=0.0)
 
     # -- assignment -------------------------------------------------------------------------------------------
 
     def assigned(self, tps: list[TopicPartition]) -> None:
         """Hold back newly assigned partitions whose ledger state is not restored, and restore it (or, for one
         this member held before the rebalance, read what was written since)."""
-        self._changes += 1
+        self._stop_following()
         self._assigned.update(tps)
         count = self.partition_count
         beyond = sorted({tp.partition for tp in tps if count is not None and tp.partition >= count})
@@ -139,22 +152,26 @@ class LedgerSync:
             log.error("the ledger topic has fewer partitions than an input topic: no ledger for some partitions",
                       extra={"event": "ledger_uncovered", "partitions": ",".join(map(str, beyond)),
                              "ledger_partitions": count})
-        # A rebalance revokes everything, then assigns the new set: what did not come back is let go now.
-        for number in self._parked - {tp.partition for tp in self._assigned}:
-            self._drop(number)
+        # A rebalance revokes everything, then assigns the new set: what did not come back is let go now, and so
+        # is what was away too long (the tombstones of a forget meanwhile may be compacted away by now).
+        numbers = {tp.partition for tp in self._assigned}
+        now = self.clock()
+        for number, since in list(self._parked.items()):
+            if number not in numbers or now - since > PARKED_SECONDS:
+                self._drop(number)
         waiting = [tp for tp in tps if tp.partition not in self.ready and tp.partition not in self.uncovered]
         if not waiting:
             return
         self.holder.hold(waiting)
         for number in sorted({tp.partition for tp in waiting} - set(self._restoring)):
-            kept = number in self._parked
-            self._parked.discard(number)
+            kept = self._parked.pop(number, None) is not None
+            self._held_since[number] = now
             self._restoring[number] = asyncio.ensure_future(self._catch_up(number) if kept else self._restore(number))
 
     def revoked(self, tps: list[TopicPartition]) -> None:
         """Partition numbers no longer assigned in any topic: their state is kept until the next assignment
         (most come back to the same member), or forgotten if it was not restored yet."""
-        self._changes += 1
+        self._stop_following()
         self._assigned.difference_update(tps)
         self.holder.forget(tps)
         kept = {tp.partition for tp in self._assigned}
@@ -165,21 +182,32 @@ class LedgerSync:
                 self._drop(number)
             elif number in self.ready:
                 self.ready.discard(number)
-                self._parked.add(number)
+                self._parked[number] = self.clock()
+
+    def _stop_following(self) -> None:
+        """A follow in progress reads for an assignment that is changing: it stops (what it applied is applied
+        again by the next one, or by the catch-up of a partition that comes back)."""
+        if self._following is not None and not self._following.done():
+            self._following.cancel()
+        self._following = None
 
     def _drop(self, number: int) -> None:
         self.ready.discard(number)
-        self._parked.discard(number)
+        self._parked.pop(number, None)
+        self._held_since.pop(number, None)
         self._position.pop(number, None)
         self._own.pop(number, None)
+        self._unacked.pop(number, None)
         self._state_of.pop(number, None)
         self.ledger.drop(number)
 
     async def close(self) -> None:
-        tasks = [*self._restoring.values(), *([self._following] if self._following is not None else [])]
+        self._stop_following()
+        tasks = list(self._restoring.values())
         for task in tasks:
             task.cancel()
         self._restoring.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             async with asyncio.timeout(5.0):
                 await self.store.close()
@@ -192,9 +220,10 @@ class LedgerSync:
             await self._restore_one(number)
 
     async def _restore_one(self, number: int) -> None:
-        started = self.clock()
         restored = await self._retrying(number, lambda: self.store.read(number))
+        started = self.clock()
         values = restored.values
+        self.ledger.drop(number)  # whatever a cancelled follow or catch-up may have left
         self._new_state(number, restored.end_offset)
         samples = unreadable = 0
         try:
@@ -210,21 +239,25 @@ class LedgerSync:
         except Exception:  # a bug or a record nobody foresaw: what is restored stays, the partition goes on
             log.exception("ledger restore failed part-way; going on with what was read",
                           extra={"event": "ledger_restore_error", "partition": number})
-        seconds = self.clock() - started
-        self.metrics.ledger_restore_seconds.observe(seconds)
         self.metrics.ledger_restored.inc(samples)
         if unreadable:
             log.warning("unreadable ledger records skipped", extra={"event": "ledger_unreadable",
                                                                     "partition": number, "records": unreadable})
         log.info("ledger restored", extra={"event": "ledger_restored", "partition": number, "records": len(values),
-                                           "samples": samples, "seconds": round(seconds, 3)})
+                                           "samples": samples, "seconds": round(self.clock() - started, 3),
+                                           "held_seconds": round(self.clock() - self._held_since[number], 3)})
         self._ready(number)
 
     async def _catch_up(self, number: int) -> None:
         """A partition that comes back after a rebalance: its state stayed; read only what others wrote since."""
         async with self._restores:
-            started = self.clock()
             tail = await self._retrying(number, lambda: self.store.read_since(number, self._position[number]))
+            if tail.first is not None and tail.first > self._position[number]:
+                # Retention took records this state has not seen (a forget's tombstones among them, perhaps).
+                log.info("ledger records gone since the partition was held: restored whole",
+                         extra={"event": "ledger_catch_up_gap", "partition": number})
+                await self._restore_one(number)
+                return
             try:
                 records = await self._apply_tail(number, tail)
             except Exception:  # as for a restore: what is applied stays, the partition goes on
@@ -234,10 +267,11 @@ class LedgerSync:
             self.metrics.ledger_kept.inc()
             log.info("ledger kept and caught up", extra={"event": "ledger_caught_up", "partition": number,
                                                          "records": records,
-                                                         "seconds": round(self.clock() - started, 3)})
+                                                         "held_seconds": round(self.clock() -
+                                                                               self._held_since[number], 3)})
             self._ready(number)
 
-    async def _retrying(self, number: int, read: Callable):
+    async def _retrying(self, number: int, read: Callable[[], Awaitable[T]]) -> T:
         """A read of the ledger topic, until it succeeds (the partition waits meanwhile)."""
         backoff = Backoff(self.settings.retry_backoff_first_seconds, self.settings.retry_backoff_max_seconds)
         attempt = 0
@@ -255,13 +289,23 @@ class LedgerSync:
         self._states += 1
         self._state_of[number] = self._states
         self._position[number] = position
-        self._own[number] = set()
+        self._own[number] = {}
+        self._unacked[number] = {}
 
     def _ready(self, number: int) -> None:
         self._count_evictions()
         self.ready.add(number)
         del self._restoring[number]
+        # How long the partition waited, from its assignment (a queue for the restore slots included).
+        self.metrics.ledger_restore_seconds.observe(self.clock() - self._held_since.pop(number))
         self.holder.release([tp for tp in self._assigned if tp.partition == number])
+
+    def _restart(self, number: int) -> None:
+        """Read a held partition's ledger again, whole, holding it back meanwhile."""
+        self._drop(number)
+        self._held_since[number] = self.clock()
+        self.holder.hold([tp for tp in self._assigned if tp.partition == number])
+        self._restoring[number] = asyncio.ensure_future(self._restore(number))
 
     # -- following the topic ----------------------------------------------------------------------------------
 
@@ -288,14 +332,20 @@ class LedgerSync:
         for number in numbers:
             if number not in self.ready or number not in ends or self._caught_up(number, ends[number]):
                 continue
-            changes = self._changes
+            if ends[number] - self._position[number] <= len(self._unacked[number]):
+                continue  # perhaps only our own writes, acknowledged in a moment: the next look knows
             try:
                 tail = await self.store.read_since(number, self._position[number])
             except Exception as exc:
                 log.warning("cannot read the ledger", extra={"event": "ledger_follow_failed", "partition": number,
                                                              "error": type(exc).__name__})
                 continue
-            if changes != self._changes:  # a rebalance meanwhile: the assignment makes its own reads
+            if number not in self.ready:
+                continue
+            if tail.first is not None and tail.first > self._position[number]:
+                log.warning("ledger records gone before this member read them: restoring the partition whole",
+                            extra={"event": "ledger_follow_gap", "partition": number})
+                self._restart(number)
                 continue
             try:
                 read += await self._apply_tail(number, tail)
@@ -308,36 +358,47 @@ class LedgerSync:
         """Whether the offsets from the position up to `end` are all this member's own writes (moves past them)."""
         own, position = self._own[number], self._position[number]
         while position < end and position in own:
-            own.discard(position)
+            del own[position]
             position += 1
         self._position[number] = position
         return position >= end
 
     async def _apply_tail(self, number: int, tail: Tail) -> int:
         """Apply records read from the position on: tombstones forget their user (and data type), others'
-        records are merged. This member's own records are already in the state, unless a tombstone comes
-        first: then everything is applied in order (a write after the forget is remembered, one before it not)."""
-        own = self._own[number]
-        in_order = any(value is None for _, _, value in tail.records)
+        records are merged. This member's own records are in the state already, unless a tombstone comes
+        first: then everything is applied in order (a write after the forget is remembered, one before it
+        not), and so are this member's writes not in the tail (acknowledged past its end, or not yet)."""
+        own, unacked = self._own[number], self._unacked[number]
+        state = self._state_of[number]
+        forgotten: set[tuple[str, str]] = set()
         foreign = tombstones = unreadable = 0
         for at, (offset, key, value) in enumerate(tail.records):
             if at % RESTORE_CHUNK == RESTORE_CHUNK - 1:
                 await asyncio.sleep(0)
-            mine = offset in own
-            if mine and not in_order:
+                if self._state_of.get(number) != state:
+                    return at  # dropped meanwhile (revoked, restored again): nothing more goes into it
+            mine = offset in own or (key is not None and key in unacked)
+            if mine and not forgotten:
                 continue
             try:
                 if value is None:
                     ledger_key = decode_key(key or b"")
-                    self.ledger.forget(number, ledger_key.user_id, ledger_key.data_type)
+                    # An empty data type: `stream ledger forget` without --data-type (every type of the user).
+                    self.ledger.forget(number, ledger_key.user_id, ledger_key.data_type or None)
+                    forgotten.add((ledger_key.user_id, ledger_key.data_type))
                     tombstones += 1
                 else:
                     self.ledger.restore(number, [decode_record(value)])
                     foreign += not mine
             except _DECODE_ERRORS:
                 unreadable += 1
+        if forgotten:
+            later = [record for offset, record in own.items() if offset >= tail.end_offset]
+            later += list(unacked.values())
+            self.ledger.restore(number, [record for record in later if (record.user_id, record.data_type)
+                                         in forgotten or (record.user_id, "") in forgotten])
         self._position[number] = max(self._position[number], tail.end_offset)
-        self._own[number] = {offset for offset in own if offset >= tail.end_offset}
+        self._own[number] = {offset: record for offset, record in own.items() if offset >= tail.end_offset}
         self._count_evictions()
         if foreign:
             self.metrics.ledger_foreign.labels("record").inc(foreign)
@@ -367,9 +428,20 @@ class LedgerSync:
         out = Screened([], [], [])
         lateness = []
         dead_letter_beyond = self.settings.ledger_beyond_horizon == "dead_letter"
+        device_in = DeviceOf()
+        last: tuple[int, bytes] | None = None
+        state = None
         for entry in entries:
-            key = (user_id, data_type, device_of(entry.body))
-            kind, behind = ledger.decide(entry.source.tp.partition, key, entry.start, entry.body)
+            # A batch is mostly one device's samples in order: one lookup for the run, and a sample newer than
+            # the device's watermark is new without more ado.
+            place = (entry.source.tp.partition, device_in(entry.body))
+            if place != last:
+                state = ledger.device(place[0], (user_id, data_type, place[1]))
+                last = place
+            if state is None or state.watermark is None or entry.start > state.watermark:
+                kind, behind = NEW, 0
+            else:
+                kind, behind = ledger.judge(state, entry.start, entry.body)
             counts[kind] += 1
             if kind != NEW and kind != DUPLICATE:
                 lateness.append(behind / 1e9)
@@ -413,17 +485,26 @@ class LedgerSync:
             key, value = encode_record(record)
             written = writer.write(self.settings.ledger_topic, key, value, [], partition=number)
             if remember:  # in the state already: its offset is ours (a follow need not read it back)
-                written.add_done_callback(functools.partial(self._written, number, self._state_of.get(number)))
+                self._unacked[number][key] = record
+                written.add_done_callback(functools.partial(self._written, number, self._state_of.get(number), key,
+                                                            record))
             writes.append((written, entries))
         self._count_evictions()
         return writes
 
-    def _written(self, number: int, state: int | None, written: asyncio.Future) -> None:
-        if written.cancelled() or written.exception() is not None or self._state_of.get(number) != state:
+    def _written(self, number: int, state: int | None, key: bytes, record: LedgerRecord,
+                 written: asyncio.Future) -> None:
+        if self._state_of.get(number) != state:
+            return  # the state it fed was dropped since
+        self._unacked[number].pop(key, None)
+        if written.cancelled() or written.exception() is not None:
             return
         offset = written.result()
-        if isinstance(offset, int) and offset >= self._position.get(number, offset):
-            self._own[number].add(offset)
+        if isinstance(offset, int) and offset >= self._position[number]:
+            own = self._own[number]
+            own[offset] = record
+            if len(own) > OWN_LIMIT:  # follows keep failing: the oldest are read back one day, applied again
+                del own[min(own)]
 
     def _count_evictions(self) -> None:
         evicted = self.ledger.evicted

@@ -130,7 +130,8 @@ class Metrics:
             "sent again)", registry=r,
         )
         self.ledger_restore_seconds = Histogram(
-            "stream_ledger_restore_seconds", "How long restoring one partition's ledger state took",
+            "stream_ledger_restore_seconds",
+            "How long a partition was held back for its ledger state (restored, or caught up after a rebalance)",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
         )
         self.ledger_restored = Counter(
@@ -140,6 +141,11 @@ class Metrics:
             "stream_ledger_foreign_records_total",
             "Ledger records another writer added to a partition this member holds, applied: `record` (a member that "
             "held the partition meanwhile), `tombstone` (`stream ledger forget`)", ["kind"], registry=r,
+        )
+        self.ledger_held = Gauge(
+            "stream_ledger_oldest_hold_seconds",
+            "How long the partition held back the longest for its ledger (restore or catch-up) has waited; 0 when "
+            "none is", registry=r,
         )
         self.ledger_kept = Counter(
             "stream_ledger_kept_partitions_total",

@@ -473,6 +473,14 @@ class Pipeline:
 
     def _park(self, small: Small) -> None:
         """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
+        if self.ledger is not None and len(numbers := {e.source.tp.partition for e in small.entries}) > 1:
+            # One user's samples from partitions of different numbers (input topics of different partition
+            # counts): each parked with its own number, to come back to the ledger partition that knows it.
+            for number in sorted(numbers):
+                part = [e for e in small.entries if e.source.tp.partition == number]
+                ids = {id(e) for e in part}
+                self._park(Small(small.key, part, [twin for twin in small.twins if id(twin[0]) in ids]))
+            return
         user_id, data_type = small.key
         value = batch_body(user_id, data_type, [e.body for e in small.entries])
         headers = [

@@ -563,7 +563,7 @@ class FakeLedgerStore:
         records = [(r.offset, r.key, r.value) for r in self.kafka.logs[tp] if start <= r.offset < end]
         self.tail_reads += 1
         await asyncio.sleep(0.01)
-        return Tail(records, end)
+        return Tail(records, end, start)
 
     async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
         return {p: self.kafka.next_offset[TopicPartition(self.topic, p)] for p in partitions}

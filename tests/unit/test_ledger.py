@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 import tracemalloc
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.ledger import BEYOND, CORRECTION, DEVICE_BYTES, DUPLICATE, LATE, NEW, Ledger, device_of
+from stream.ledger import BEYOND, CORRECTION, DEVICE_BYTES, DUPLICATE, LATE, NEW, DeviceOf, Ledger, device_of
 from stream.ledger_format import decode_record, encode_record, fingerprint
 from stream.schema import Decoded
 from stream.schema import decode_record as decode_input
@@ -185,6 +186,24 @@ def test_the_device_is_read_from_the_samples_api_bytes_escapes_included():
         assert isinstance(decoded, Decoded)
         written = value.split(b'"device_name":', 1)[1].split(b',"start_date"', 1)[0]
         assert device_of(decoded.samples[0].body) == written
+
+
+_NAMES = st.text(alphabet='ab"\\ \u00fc', min_size=1, max_size=6)
+
+
+@given(st.lists(_NAMES, min_size=1, max_size=12))
+def test_a_run_of_bodies_reads_each_device_as_device_of_does(names):
+    """DeviceOf reuses the previous device when a body starts like the previous one: never a wrong device,
+    whatever quotes and backslashes the names hold (one name a prefix of the next included)."""
+    bodies = []
+    for name in names:
+        value = msgspec.json.encode({"user_id": "u", "data_type": "steps", "device_name": name,
+                                     "start_date": "2023-11-01T08:04:51Z", "unit": "count", "value": 14})
+        decoded = decode_input(value)
+        assert isinstance(decoded, Decoded)
+        bodies.append(decoded.samples[0].body)
+    device_in = DeviceOf()
+    assert [device_in(body) for body in bodies] == [device_of(body) for body in bodies]
 
 
 def test_fingerprints_are_stable_across_processes():

@@ -11,7 +11,7 @@ from stream import config
 from stream.ledger import DUPLICATE, LATE, NEW
 from stream.ledger_format import DeviceSamples, LedgerRecord, encode_record, pack
 from stream.ledger_store import Restored, Tail
-from stream.ledger_sync import LedgerSync
+from stream.ledger_sync import PARKED_SECONDS, LedgerSync
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
 
@@ -45,6 +45,7 @@ class Store:
         self.gate = asyncio.Event()
         self.reads = 0
         self.tail_reads = 0
+        self.first = 0  # the partition's beginning offset (retention moves it up)
 
     def append(self, partition: int, key: bytes | None, value: bytes | None) -> int:
         self.logs[partition].append((key, value))
@@ -68,7 +69,8 @@ class Store:
         await self.gate.wait()
         self.tail_reads += 1
         log = self.logs[partition]
-        return Tail([(offset, *log[offset]) for offset in range(start, len(log))], len(log))
+        begin = max(start, self.first)
+        return Tail([(offset, *log[offset]) for offset in range(begin, len(log))], len(log), begin)
 
     async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
         return {p: len(self.logs[p]) for p in partitions}
@@ -262,3 +264,136 @@ async def test_samples_are_parked_in_the_pending_partition_of_their_own_number_w
     ledger.assigned([TopicPartition("samples", 2), pending])
 
     assert ledger.pending_partition(from_two) == 2
+
+
+def forget_marker(user: str, data_type: str = "") -> bytes:
+    from stream.ledger_format import LedgerKey
+
+    return msgspec.msgpack.encode(LedgerKey(user, data_type, "forget"))
+
+
+class SlowWriter:
+    """A writer whose writes land in the topic and are acknowledged only when the test says so."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.queue: list[tuple[int, bytes, bytes, asyncio.Future]] = []
+
+    def write(self, topic, key, value, headers, partition=None):
+        done = asyncio.get_running_loop().create_future()
+        self.queue.append((partition, key, value, done))
+        return done
+
+    def land(self, acknowledge: bool = True) -> list[tuple[int, asyncio.Future]]:
+        landed = [(self.store.append(partition, key, value), done) for partition, key, value, done in self.queue]
+        self.queue = []
+        if acknowledge:
+            for offset, done in landed:
+                done.set_result(offset)
+        return landed
+
+
+async def test_a_forget_marker_forgets_every_data_type_even_with_no_record_of_the_user_left_in_the_topic():
+    ledger, store, _ = await ready_sync()
+    ledger.record(Writer(store), "u", "steps", [Sample(1), Sample(2), Sample(3)])
+    ledger.record(Writer(store), "u", "bpm", [Sample(1), Sample(2), Sample(3)])
+    await asyncio.sleep(0)
+    store.logs[0] = [(b"gone", None)] * len(store.logs[0])  # retention took the records; memory still has them
+
+    store.append(0, forget_marker("u"), None)  # `stream ledger forget --user u`
+    await ledger.follow()
+
+    assert ledger.ledger.entries == 0
+
+
+async def test_samples_accepted_after_a_forget_stay_remembered_whenever_their_write_lands():
+    ledger, store, _ = await ready_sync()
+    writer = SlowWriter(store)
+    store.append(0, forget_marker("u", "steps"), None)
+    ledger.record(writer, "u", "steps", [Sample(1), Sample(2), Sample(3)])  # accepted after the forget
+
+    await ledger.follow()  # the forget is applied while that write is still on its way
+    writer.land()
+    await asyncio.sleep(0)
+    await ledger.follow()
+
+    assert kind(ledger, "u", Sample(1)) == DUPLICATE and store.tail_reads == 1
+
+
+async def test_a_write_not_acknowledged_yet_is_not_read_back_as_another_writers():
+    ledger, store, _ = await ready_sync()
+    writer = SlowWriter(store)
+    ledger.record(writer, "u", "steps", [Sample(1), Sample(2), Sample(3)])
+    [(_, done)] = writer.land(acknowledge=False)  # in the topic, its acknowledgement not here yet
+
+    assert await ledger.follow() == 0 and store.tail_reads == 0
+    done.set_result(0)
+    await asyncio.sleep(0)
+    assert await ledger.follow() == 0 and store.tail_reads == 0
+    assert ledger.metrics.ledger_foreign.labels("record")._value.get() == 0
+
+
+async def test_a_follow_stops_when_a_rebalance_takes_the_partition_and_leaves_nothing_of_it():
+    ledger, store, _ = await ready_sync(partitions=2)
+    for i in range(1200):  # another member held partition 0 meanwhile and wrote a lot
+        store.append(0, b"o%d" % i, record_value(f"u{i}", Sample(i)))
+    ledger.follow_due(0.0)
+    for _ in range(1000):  # until the follow is part-way through (it yields every 500 records)
+        if ledger.ledger.entries >= 500:
+            break
+        await asyncio.sleep(0)
+    assert 500 <= ledger.ledger.entries < 1200
+
+    ledger.revoked([TP])
+    ledger.assigned([TopicPartition("samples", 1)])
+    for _ in range(100):
+        await asyncio.sleep(0)
+
+    assert ledger.ledger.partitions() == [] or ledger.ledger.partitions() == [1]
+    assert ledger.ledger.entries == 0
+
+
+async def test_a_partition_away_too_long_is_restored_whole_on_its_return():
+    clock = [0.0]
+    store, holder = Store([record_value("u", Sample(1))]), Holder()
+    store.gate.set()
+    ledger = LedgerSync(SETTINGS, Metrics(), store, holder, clock=lambda: clock[0], wall=lambda: 1.7e9)
+    await ledger.ensure()
+    ledger.assigned([TP])
+    await asyncio.wait_for(holder.released.wait(), 5)
+
+    ledger.revoked([TP])
+    clock[0] += PARKED_SECONDS + 1
+    holder.released.clear()
+    ledger.assigned([TP])
+    await asyncio.wait_for(holder.released.wait(), 5)
+
+    assert store.reads == 2 and store.tail_reads == 0
+
+
+async def test_a_catch_up_that_finds_records_gone_restores_the_partition_whole():
+    ledger, store, holder = await ready_sync([record_value("u", Sample(1))])
+    ledger.revoked([TP])
+    store.append(0, b"k", record_value("u", Sample(2)))
+    store.first = 2  # retention took the beginning of the partition while it was away
+
+    holder.released.clear()
+    ledger.assigned([TP])
+    await asyncio.wait_for(holder.released.wait(), 5)
+
+    assert store.reads == 2 and kind(ledger, "u", Sample(2)) == DUPLICATE
+
+
+async def test_the_oldest_hold_is_measured_from_the_assignment_queue_included():
+    clock = [0.0]
+    store, holder = Store([]), Holder()
+    ledger = LedgerSync(SETTINGS, Metrics(), store, holder, clock=lambda: clock[0], wall=lambda: 1.7e9)
+    await ledger.ensure()
+    ledger.assigned([TP])
+    clock[0] = 42.0
+
+    assert ledger.metrics.registry.get_sample_value("stream_ledger_oldest_hold_seconds") == 42.0
+    store.gate.set()
+    await asyncio.wait_for(holder.released.wait(), 5)
+    assert ledger.metrics.registry.get_sample_value("stream_ledger_oldest_hold_seconds") == 0.0
+    assert ledger.metrics.registry.get_sample_value("stream_ledger_restore_seconds_sum") == 42.0
