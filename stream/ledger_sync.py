@@ -39,6 +39,7 @@ END_OFFSETS_TIMEOUT_SECONDS = 30.0
 # A revoked partition's state is kept for its return at most this long: far less than the ledger topic's
 # delete.retention.ms (a day), past which a forget's tombstones may be gone.
 PARKED_SECONDS = 300.0
+ACK_WAIT_SECONDS = 2.0  # a follow waits this long at most for its own writes' acknowledgements
 OWN_LIMIT = 100_000  # own writes remembered by offset past the position, per partition (a few follows' worth)
 
 T = TypeVar("T")
@@ -117,7 +118,7 @@ class LedgerSync:
         self._parked: dict[int, float] = {}  # revoked, state kept until the next assignment: since when
         self._position: dict[int, int] = {}
         self._own: dict[int, dict[int, LedgerRecord]] = {}
-        self._unacked: dict[int, dict[bytes, LedgerRecord]] = {}
+        self._unacked: dict[int, dict[bytes, tuple[LedgerRecord, asyncio.Future]]] = {}
         self._states = 0  # a new number for each state built (own writes acknowledged later name the one they fed)
         self._state_of: dict[int, int] = {}
         self._next_follow = 0.0
@@ -328,12 +329,15 @@ class LedgerSync:
             log.warning("cannot read the ledger's end offsets", extra={"event": "ledger_follow_failed",
                                                                         "error": type(exc).__name__})
             return 0
+        # Our own writes in flight when the end offsets were read may be below them: their acknowledgements (a
+        # few milliseconds) tell their offsets, so that they are walked past rather than read back.
+        acks = [ack for n in numbers for _, ack in self._unacked.get(n, {}).values()]
+        if acks:
+            await asyncio.wait(acks, timeout=ACK_WAIT_SECONDS)
         read = 0
         for number in numbers:
             if number not in self.ready or number not in ends or self._caught_up(number, ends[number]):
                 continue
-            if ends[number] - self._position[number] <= len(self._unacked[number]):
-                continue  # perhaps only our own writes, acknowledged in a moment: the next look knows
             try:
                 tail = await self.store.read_since(number, self._position[number])
             except Exception as exc:
@@ -369,6 +373,7 @@ class LedgerSync:
         first: then everything is applied in order (a write after the forget is remembered, one before it
         not), and so are this member's writes not in the tail (acknowledged past its end, or not yet)."""
         own, unacked = self._own[number], self._unacked[number]
+        seen: set[bytes | None] = set()
         state = self._state_of[number]
         forgotten: set[tuple[str, str]] = set()
         foreign = tombstones = unreadable = 0
@@ -377,6 +382,7 @@ class LedgerSync:
                 await asyncio.sleep(0)
                 if self._state_of.get(number) != state:
                     return at  # dropped meanwhile (revoked, restored again): nothing more goes into it
+            seen.add(key)
             mine = offset in own or (key is not None and key in unacked)
             if mine and not forgotten:
                 continue
@@ -393,8 +399,10 @@ class LedgerSync:
             except _DECODE_ERRORS:
                 unreadable += 1
         if forgotten:
+            # Ours that the tail did not hold (those it held were applied in their place, before or after the
+            # tombstone): acknowledged past its end, or on their way.
             later = [record for offset, record in own.items() if offset >= tail.end_offset]
-            later += list(unacked.values())
+            later += [record for key, (record, _) in unacked.items() if key not in seen]
             self.ledger.restore(number, [record for record in later if (record.user_id, record.data_type)
                                          in forgotten or (record.user_id, "") in forgotten])
         self._position[number] = max(self._position[number], tail.end_offset)
@@ -421,8 +429,9 @@ class LedgerSync:
 
     # -- before sending ---------------------------------------------------------------------------------------
 
-    def screen(self, user_id: str, data_type: str, entries: list[Entry]) -> Screened:
-        """What of a batch goes to the API: not the samples it already accepted (in shadow mode: everything)."""
+    def screen(self, user_id: str, data_type: str, entries: list[Entry], count: bool = True) -> Screened:
+        """What of a batch goes to the API: not the samples it already accepted (in shadow mode: everything).
+        `count=False`: decide without counting (samples that will be screened again before they are sent)."""
         ledger = self.ledger
         counts = dict.fromkeys(KINDS, 0)
         out = Screened([], [], [])
@@ -453,9 +462,11 @@ class LedgerSync:
                 out.beyond.append(entry)
             else:
                 out.send.append(entry)
-        for kind, count in counts.items():
-            if count:
-                self.metrics.ledger_decisions.labels(kind).inc(count)
+        if not count:
+            return out
+        for kind, samples in counts.items():
+            if samples:
+                self.metrics.ledger_decisions.labels(kind).inc(samples)
         for seconds in lateness:
             self.metrics.ledger_lateness.observe(seconds)
         return out
@@ -485,7 +496,7 @@ class LedgerSync:
             key, value = encode_record(record)
             written = writer.write(self.settings.ledger_topic, key, value, [], partition=number)
             if remember:  # in the state already: its offset is ours (a follow need not read it back)
-                self._unacked[number][key] = record
+                self._unacked[number][key] = (record, written)
                 written.add_done_callback(functools.partial(self._written, number, self._state_of.get(number), key,
                                                             record))
             writes.append((written, entries))

@@ -347,15 +347,7 @@ class Pipeline:
         screened = self.ledger.screen(user_id, data_type, batch.entries)
         if len(screened.send) == len(batch.entries):
             return batch
-        copies: dict[int, list[Entry]] = {}
-        for original, copy in batch.twins:
-            copies.setdefault(id(original), []).append(copy)
-        for entry in screened.duplicates:
-            entry.source.ack(entry.offset)
-            for copy in copies.get(id(entry), ()):
-                copy.source.ack(copy.offset)
-        if screened.duplicates:
-            self.metrics.samples.labels("duplicate", data_type).inc(len(screened.duplicates))
+        copies = self._done_as_duplicates(screened.duplicates, batch.twins, data_type)
         for entry in screened.beyond:
             message = (f"older than STREAM_LEDGER_HORIZON_SECONDS ({self.settings.ledger_horizon_seconds:g} s) "
                        "behind its device's newest accepted sample, and unknown to the ledger")
@@ -373,6 +365,34 @@ class Pipeline:
             if live:
                 self.batcher.add(batch.key, live, self._clock())
         return None
+
+    def _done_as_duplicates(self, duplicates: list[Entry], twins: Twins, data_type: str) -> dict[int, list[Entry]]:
+        """Samples the API already has are done at once, with their copies; returns the copies by original."""
+        copies: dict[int, list[Entry]] = {}
+        for original, copy in twins:
+            copies.setdefault(id(original), []).append(copy)
+        for entry in duplicates:
+            entry.source.ack(entry.offset)
+            for copy in copies.get(id(entry), ()):
+                copy.source.ack(copy.offset)
+        if duplicates:
+            self.metrics.samples.labels("duplicate", data_type).inc(len(duplicates))
+        return copies
+
+    def _without_duplicates(self, small: Small) -> Small | None:
+        """A small buffer about to be parked or dead-lettered, without the samples the API already has (a
+        re-sync's 1-2 leftovers): those are done, not parked again and again, nor dead-lettered below_min_batch."""
+        if self.ledger is None or self.ledger.shadow:
+            return small
+        user_id, data_type = small.key
+        duplicates = self.ledger.screen(user_id, data_type, small.entries, count=False).duplicates
+        if not duplicates:
+            return small
+        self.metrics.ledger_decisions.labels("duplicate").inc(len(duplicates))
+        self._done_as_duplicates(duplicates, small.twins, data_type)
+        gone = {id(e) for e in duplicates}
+        rest = [e for e in small.entries if id(e) not in gone]
+        return Small(small.key, rest, [t for t in small.twins if id(t[0]) not in gone]) if rest else None
 
     def _settle(self, batch: Batch, outcome: Final) -> None:
         """Acknowledge a finished batch: accepted samples now, refused ones once their dead letter is written.
@@ -473,6 +493,9 @@ class Pipeline:
 
     def _park(self, small: Small) -> None:
         """Write a buffer of 1-2 samples to the pending topic, to join the user's later samples."""
+        if (unsent := self._without_duplicates(small)) is None:
+            return
+        small = unsent
         if self.ledger is not None and len(numbers := {e.source.tp.partition for e in small.entries}) > 1:
             # One user's samples from partitions of different numbers (input topics of different partition
             # counts): each parked with its own number, to come back to the ledger partition that knows it.
@@ -495,6 +518,9 @@ class Pipeline:
         self._ack_when_written(written, [(e.source, e.offset) for e in small.entries] + _copies(small.twins))
 
     def _expire(self, small: Small) -> None:
+        if (unsent := self._without_duplicates(small)) is None:
+            return
+        small = unsent
         user_id, data_type = small.key
         wall = self._wall()
         copies: dict[int, list[tuple[PartitionOffsets, int]]] = {}

@@ -116,8 +116,10 @@ async def _committed_after_reconnect(bootstrap: str, topic: str, group: str) -> 
     consumer = _consumer(bootstrap, topic, group)
     await consumer.start()
     try:
-        committed = await consumer.committed(TopicPartition(topic, 0))
+        # Read first: right after a restart the group coordinator may still be loading the offsets topic, and
+        # committed() asked that early answers None; the fetch waits for the coordinator.
         (next_value,) = await _read(consumer, 1)
+        committed = await consumer.committed(TopicPartition(topic, 0))
         return committed, next_value
     finally:
         await consumer.stop()

@@ -16,7 +16,8 @@ deterministically.
   is refused.
 - `FakeSource` (one consumer), `FakeWriter` (the producer of dead letters, parked and ledger records: a write
   is appended to its topic, then acknowledged, each after a scripted delay) and `FakeSink` (the HTTP client, in
-  front of `FakeApi`, which answers from a script and records what it accepted and refused).
+  front of `FakeApi`, which answers from a script and records what it accepted and refused, and when it deleted
+  a user's data: `FakeApi.forget`, what goes with `stream ledger forget`).
 
 Everything here is observable (`FakeKafka.logs`, `.committed`, `.writes`, `FakeSource.tenure_ends`,
 `FakeApi.requests` with what each accepted and what its answer told the client, ...) for the test's checks.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import selectors
 import time
 import zlib
@@ -699,6 +701,20 @@ class FakeApi:
     refused: set[Norm] = field(default_factory=set)  # refused by a 400/413/422 or listed in a 207
     answered_207: set[Norm] = field(default_factory=set)  # in a batch answered 207 (whatever its body)
     malformed: list[str] = field(default_factory=list)  # requests the real API would refuse as malformed
+    # The user data the API deleted (what `stream ledger forget` goes with): (wall time, user id, data type or
+    # None for all). `accepted` stays what it ever accepted (delivered is delivered); `forgotten_at` says which
+    # acceptances of a sample still count as "the API has it".
+    forgotten: list[tuple[float, str, str | None]] = field(default_factory=list)
+
+    def forget(self, user_id: str, data_type: str | None = None) -> None:
+        """The API deletes what it holds of a user (of one data type, or all): from now on those samples are new
+        to it again. Its history (`requests`, `accepted`) is kept for the checks."""
+        self.forgotten.append((self.wall(), user_id, data_type))
+
+    def forgotten_at(self, sample: Norm) -> float:
+        """When the API last deleted a sample's data (-inf: never): acceptances before it no longer count."""
+        return max((at for at, user_id, data_type in self.forgotten
+                    if user_id == sample[0] and data_type in (None, sample[1])), default=-math.inf)
 
     def handle(self, member: str, body: bytes) -> tuple[Reply, int | None, dict[str, str], bytes]:
         """Process one request: record what the API accepts, and say how it answers."""

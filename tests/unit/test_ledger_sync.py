@@ -320,17 +320,22 @@ async def test_samples_accepted_after_a_forget_stay_remembered_whenever_their_wr
     assert kind(ledger, "u", Sample(1)) == DUPLICATE and store.tail_reads == 1
 
 
-async def test_a_write_not_acknowledged_yet_is_not_read_back_as_another_writers():
+async def test_a_write_not_acknowledged_yet_is_waited_for_not_read_back_nor_taken_for_another_writers(monkeypatch):
     ledger, store, _ = await ready_sync()
     writer = SlowWriter(store)
     ledger.record(writer, "u", "steps", [Sample(1), Sample(2), Sample(3)])
-    [(_, done)] = writer.land(acknowledge=False)  # in the topic, its acknowledgement not here yet
+    [(_, done)] = writer.land(acknowledge=False)  # in the topic, its acknowledgement on its way
 
-    assert await ledger.follow() == 0 and store.tail_reads == 0
-    done.set_result(0)
+    follow = asyncio.ensure_future(ledger.follow())
     await asyncio.sleep(0)
-    assert await ledger.follow() == 0 and store.tail_reads == 0
-    assert ledger.metrics.ledger_foreign.labels("record")._value.get() == 0
+    done.set_result(0)
+    assert await follow == 0 and store.tail_reads == 0  # walked past once acknowledged
+
+    monkeypatch.setattr("stream.ledger_sync.ACK_WAIT_SECONDS", 0.01)
+    ledger.record(writer, "u", "steps", [Sample(4), Sample(5), Sample(6)])
+    writer.land(acknowledge=False)  # an acknowledgement that does not come in time: the tail is read
+    assert await ledger.follow() == 1 and store.tail_reads == 1
+    assert ledger.metrics.ledger_foreign.labels("record")._value.get() == 0  # known as ours by its key
 
 
 async def test_a_follow_stops_when_a_rebalance_takes_the_partition_and_leaves_nothing_of_it():
