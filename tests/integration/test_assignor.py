@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import KafkaError
 
@@ -81,11 +82,29 @@ class GroupMember:
 @contextlib.asynccontextmanager
 async def members_of(kafka: str, topics: Topics) -> AsyncIterator[list[GroupMember]]:
     """A list of group members that the test starts; every one still running is stopped at the end."""
+    await topics_led(kafka, topics)
     members: list[GroupMember] = []
     try:
         yield members
     finally:
         await asyncio.gather(*(m.stop() for m in members), return_exceptions=True)
+
+
+async def topics_led(kafka: str, topics: Topics) -> None:
+    """Wait until the broker's metadata lists both topics with a leader for every partition. On a broker seconds
+    old (the first tests of a session), members that join before then can be given an assignment without those
+    topics (the assignor skips a topic it has no metadata for, like aiokafka's own), and it was seen to stay so
+    for over a minute; the service's topics exist long before it starts."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        async def led() -> bool:
+            found = await admin.describe_topics([topics.samples, topics.pending])
+            return all(t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"]) for t in found)
+
+        await eventually(led, timeout=WAIT, what="both topics in the metadata with their leaders")
+    finally:
+        await admin.close()
 
 
 async def started(members: list[GroupMember], member: GroupMember) -> GroupMember:
