@@ -253,7 +253,7 @@ class LedgerSync:
         """A partition that comes back after a rebalance: its state stayed; read only what others wrote since."""
         async with self._restores:
             tail = await self._retrying(number, lambda: self.store.read_since(number, self._position[number]))
-            if tail.first is not None and tail.first > self._position[number]:
+            if self._records_gone(number, tail):
                 # Retention took records this state has not seen (a forget's tombstones among them, perhaps).
                 log.info("ledger records gone since the partition was held: restored whole",
                          extra={"event": "ledger_catch_up_gap", "partition": number})
@@ -346,7 +346,7 @@ class LedgerSync:
                 continue
             if number not in self.ready:
                 continue
-            if tail.first is not None and tail.first > self._position[number]:
+            if self._records_gone(number, tail):
                 log.warning("ledger records gone before this member read them: restoring the partition whole",
                             extra={"event": "ledger_follow_gap", "partition": number})
                 self._restart(number)
@@ -357,6 +357,11 @@ class LedgerSync:
                 log.exception("applying others' ledger records failed", extra={"event": "ledger_follow_error",
                                                                                "partition": number})
         return read
+
+    def _records_gone(self, number: int, tail: Tail) -> bool:
+        """Whether retention took records past the partition's position before they were read: the tail began
+        above it (a forget's tombstones may be among them), so only a whole restore is sure."""
+        return tail.first is not None and tail.first > self._position[number]
 
     def _caught_up(self, number: int, end: int) -> bool:
         """Whether the offsets from the position up to `end` are all this member's own writes (moves past them)."""
