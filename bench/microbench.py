@@ -1,4 +1,4 @@
-"""In-process micro-benchmark of the service's time-window bookkeeping: stream.batching.Batcher.add + poll.
+"""In-process micro-benchmark of the service's time-window bookkeeping: stream.batching.Batcher.add_samples + poll.
 
 For n keys, 2 samples per key arrive (two passes over the keys in a random order, as the many-keys run),
 ``poll`` runs after every 5000 records (one fetch of the service's default max_poll_records), and the
@@ -13,18 +13,12 @@ import gc
 import random
 import time
 
-from stream.batching import Batcher, Entry
+from stream.batching import Batcher
+from stream.schema import ValidSample
 
 POLL_EVERY = 5000
 WINDOW = 5.0
 HOLD = 3600.0
-
-
-def _entry(i: int, body: bytes) -> Entry:
-    """An Entry whatever its current fields (the service's hot path is being tuned): known names get values."""
-    fields = getattr(Entry, "__struct_fields__", None) or Entry._fields  # msgspec Struct or NamedTuple
-    known = {"start": float(i), "body": body, "offset": i, "timestamp": 1.0e9, "source": None, "born": 1.0e9}
-    return Entry(**{name: known.get(name) for name in fields})
 
 
 def run_once(keys: int, *, seed: int = 3, collect: bool = True) -> dict[str, float]:
@@ -34,11 +28,11 @@ def run_once(keys: int, *, seed: int = 3, collect: bool = True) -> dict[str, flo
     rng.shuffle(order)
     arrivals = order + names  # first sample of every key, then the second one
     body = b'{"device_name":"iPhone","start_date":"2026-11-01T06:00:00.000+01:00","value":14,"unit":"count"}'
-    entries = [[_entry(i, body)] for i in range(len(arrivals))]
+    samples = [[ValidSample(i, body)] for i in range(len(arrivals))]  # one record a sample, as decoded
     # The run spans three windows whatever n, so every key's window timer fires within it.
     step = 3 * WINDOW / len(arrivals)
     batcher = Batcher(max_samples=1000, window=WINDOW, hold=HOLD, max_age=86400.0)
-    add, poll = batcher.add, batcher.poll
+    add, poll = batcher.add_samples, batcher.poll
     was_enabled = gc.isenabled()
     if not collect:
         gc.disable()
@@ -47,7 +41,7 @@ def run_once(keys: int, *, seed: int = 3, collect: bool = True) -> dict[str, flo
         now = 0.0
         sent = parked = 0
         for i, key in enumerate(arrivals):
-            add(key, entries[i], now)
+            add(key, samples[i], None, i, 1.0e9, 1.0e9, now)
             now += step
             if i % POLL_EVERY == POLL_EVERY - 1:
                 work = poll(now, 1.0e9, 16)

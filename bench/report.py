@@ -306,7 +306,7 @@ def _extra_lines(results: dict[str, Any]) -> list[str]:
                        "profiled time): " + ", ".join(f"{row['function']} {row['share']:.0%}" for row in top[:15]))
     micro = results.get("batcher_micro")
     if micro:
-        out.append("Batcher.add + poll per record: " + ", ".join(
+        out.append("Batcher.add_samples + poll per record: " + ", ".join(
             f"{row['keys']:,} keys {row['us_per_record']:.2f} us (gc off {row['us_per_record_gc_off']:.2f})"
             for row in micro))
     decode = results.get("decode_micro")

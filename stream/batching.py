@@ -11,6 +11,13 @@ to expire is parked again, not expired with it.
 Two copies of one sample (byte-identical after validation: a producer's re-send, a parked copy meeting
 its original) never go out together: the copy rides along as a twin and shares its original's fate.
 
+Buffered samples are packed, not objects: each buffer is one bytearray holding, per sample, a fixed header
+(the body's length, start, source offset, Kafka timestamp, birth, and an index into a table of sources)
+followed by the sample's API bytes. With a million keys of 1-2 samples waiting to fill batches, an object per
+sample (an Entry, its int and float fields, a list per record) cost three times the sample's own bytes; the
+packed form costs 40 bytes on top of them. Entries are built only when a buffer leaves (a batch, a tail),
+which is where every sample's fields are needed anyway.
+
 Deadlines cost O(1) per buffer and no task or timer: every buffer gets the same window, so buffers wait
 in a FIFO queue in the order they were created, and those still too small at their window move, in the
 same order, to a second FIFO queue for the hold. The rare buffer that needs a second look (its batch came
@@ -21,6 +28,7 @@ skipped when it comes up.
 from __future__ import annotations
 
 import heapq
+import struct
 from collections import deque
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -33,12 +41,10 @@ Key = tuple[str, str]  # (user_id, data_type)
 
 
 class Entry(msgspec.Struct, gc=False):
-    """One buffered sample: its sort key, its encoded API bytes, and where it came from (for the ack).
+    """One sample on its way out of the buffers: its sort key, its encoded API bytes, and where it came from
+    (for the ack). Buffered samples are packed (see _HEAD); an Entry is built when its buffer leaves."""
 
-    A Struct without GC tracking: about 56 bytes, against 80 for a 5-tuple, and quicker to build.
-    """
-
-    start: float
+    start: int  # epoch nanoseconds
     body: bytes
     source: Any  # opaque here: the offsets' PartitionOffsets
     offset: int
@@ -77,17 +83,46 @@ class Work(NamedTuple):
 _by_start = attrgetter("start")
 
 
+# A packed sample's header: its body's length (the top bit set when the start did not fit an int64, whose low
+# 32 bits then follow the header: _LOW), start in epoch ns, source offset, Kafka timestamp (s), birth (s), and
+# the index of its source in the batcher's table of sources. The sample's API bytes follow.
+_HEAD = struct.Struct("<IqqddI")
+_LOW = struct.Struct("<I")
+_WIDE = 1 << 31
+_MIXED = -1  # a buffer's `source` when its samples come from more than one source
+
+
 def _size(buffer: _Buffer) -> int:
-    return len(buffer.entries)
+    return buffer.count
 
 
-class _Buffer:
-    __slots__ = ("entries", "key", "since")
+class _Buffer(bytearray):
+    """One key's buffered samples, packed (a bytearray: one object for all of them)."""
 
-    def __init__(self, key: Key, since: float) -> None:
-        self.key = key
-        self.entries: list[Entry] = []
-        self.since = since  # monotonic time the oldest buffered sample arrived (window and hold)
+    __slots__ = ("count", "key", "since", "source")
+
+    key: Key
+    since: float  # monotonic time the oldest buffered sample arrived (window and hold)
+    count: int  # samples packed
+    source: int  # index of the source every sample comes from, or _MIXED
+
+
+def _new_buffer(key: Key, since: float, source: int) -> _Buffer:
+    buffer = _Buffer()
+    buffer.key, buffer.since, buffer.count, buffer.source = key, since, 0, source
+    return buffer
+
+
+def _pack(buffer: _Buffer, start: int, body: bytes, offset: int, timestamp: float, born: float, source: int) -> None:
+    try:
+        buffer += _HEAD.pack(len(body), start, offset, timestamp, born, source)
+    except struct.error:
+        if type(start) is not int or -(2**95) > start or start >= 2**95:
+            raise
+        # A start beyond 1677..2262 (a valid RFC 3339 date can be year 1 or 9999): packed in two parts.
+        buffer += _HEAD.pack(len(body) | _WIDE, start >> 32, offset, timestamp, born, source)
+        buffer += _LOW.pack(start & 0xFFFFFFFF)
+    buffer += body
 
 
 def plan_take(n: int, max_samples: int) -> int:
@@ -121,24 +156,78 @@ class Batcher:
         self._samples = 0
         self._flush_reason: str | None = None  # set while draining everything (shutdown)
         # Copies set aside while their original is still buffered (rare: the batch or small that takes the
-        # original takes them along). Not counted as buffered samples.
+        # original takes them along). Still counted as buffered samples, not as their buffer's.
         self._twins: dict[Key, Twins] = {}
+        # Packed samples name their source (the offsets of one partition's assignment) by an index: a few per
+        # assignment, dropped with the assignment's samples (drop_sources).
+        self._sources: dict[int, Any] = {}
+        self._index_of: dict[Any, int] = {}
+        self._next_source = 0
 
     # -- intake ---------------------------------------------------------------------------------------
 
-    def add(self, key: Key, entries: list[Entry], now: float) -> None:
-        """Buffer a record's samples. The batcher keeps `entries` itself: the caller hands it over."""
+    def add_samples(self, key: Key, samples: list[Any], source: Any, offset: int, timestamp: float,
+                    born: float | list[float], now: float) -> None:
+        """Buffer one record's valid samples (objects with `start` and `body`), all from `offset` of `source`,
+        born at `born` (one birth for all, or one each). The hot path: no object per sample."""
+        index = self._index_of.get(source)
+        if index is None:
+            index = self._source_index(source)
         buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = _Buffer(key, now)
-            buffer.entries = entries  # exactly sized: with a million keys of 1-2 samples, slack adds up
+            buffer = self._buffers[key] = _new_buffer(key, now, index)
             self._window_queue.append(buffer)
-        else:
-            buffer.entries.extend(entries)
-        self._samples += len(entries)
+        elif buffer.source != index:
+            buffer.source = _MIXED
+        before = len(buffer)
+        pack = _HEAD.pack
+        try:
+            if type(born) is list:
+                for sample, birth in zip(samples, born, strict=True):
+                    _pack(buffer, sample.start, sample.body, offset, timestamp, birth, index)
+            else:
+                for sample in samples:
+                    body = sample.body
+                    try:
+                        buffer += pack(len(body), sample.start, offset, timestamp, born, index)
+                    except struct.error:
+                        _pack(buffer, sample.start, body, offset, timestamp, born, index)
+                        continue
+                    buffer += body
+        except BaseException:
+            self._undo(key, buffer, before)
+            raise
+        self._added(key, buffer, len(samples), now)
+
+    def add(self, key: Key, entries: list[Entry], now: float) -> None:
+        """Buffer samples handed back as entries (a refused batch's held samples, a screened remainder; starts
+        are ints: epoch nanoseconds)."""
+        if not entries:
+            return
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = _new_buffer(key, now, self._source_index(entries[0].source))
+            self._window_queue.append(buffer)
+        before = len(buffer)
+        try:
+            self._pack_entries(buffer, entries)
+        except BaseException:
+            self._undo(key, buffer, before)
+            raise
+        self._added(key, buffer, len(entries), now)
+
+    def _undo(self, key: Key, buffer: _Buffer, size: int) -> None:
+        """A record that could not be packed whole leaves nothing behind: a half-counted buffer would drift."""
+        del buffer[size:]
+        if not size:
+            del self._buffers[key]  # its deadline queue entry is skipped: not the key's live buffer
+
+    def _added(self, key: Key, buffer: _Buffer, samples: int, now: float) -> None:
+        buffer.count += samples
+        self._samples += samples
         if key in self._in_flight:
             return  # done() decides when the key's batch returns
-        size = len(buffer.entries)
+        size = buffer.count
         if size >= self.max_samples:
             self._ready[key] = "full"
         elif size >= MIN_SAMPLES and now >= buffer.since + self.window:
@@ -154,7 +243,7 @@ class Batcher:
         while slots > 0 and self._ready:
             key, reason = next(iter(self._ready.items()))
             del self._ready[key]
-            batch = self._take_batch(key, reason)
+            batch = self._take_batch(key, reason, work)
             if batch is not None:
                 work.batches.append(batch)
                 slots -= 1
@@ -166,7 +255,7 @@ class Batcher:
         buffer = self._buffers.get(key)
         if buffer is None:
             return
-        size = len(buffer.entries)
+        size = buffer.count
         if size >= self.max_samples:
             self._ready[key] = "full"
         elif size >= MIN_SAMPLES and (self._flush_reason or now >= buffer.since + self.window):
@@ -178,28 +267,28 @@ class Batcher:
         """Mark every buffer that can make a request as ready now (shutdown, revoke)."""
         self._flush_reason = reason
         for key, buffer in self._buffers.items():
-            if len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
+            if buffer.count >= MIN_SAMPLES and key not in self._in_flight:
                 self._ready.setdefault(key, reason)
 
     def flush_keys(self, keys: set[Key], reason: str) -> None:
         for key in keys:
             buffer = self._buffers.get(key)
-            if buffer is not None and len(buffer.entries) >= MIN_SAMPLES and key not in self._in_flight:
+            if buffer is not None and buffer.count >= MIN_SAMPLES and key not in self._in_flight:
                 self._ready.setdefault(key, reason)
 
     def flush_largest(self, samples: int, reason: str) -> int:
         """Mark ready the fullest buffers that can make a request, until those ready hold `samples` (memory
         pressure): the largest batches free the memory needed with the fewest requests, and the smaller
         buffers go on filling. Returns the samples of the buffers ready now (fewer when not enough can go)."""
-        ready = sum(len(b.entries) for k in self._ready if (b := self._buffers.get(k)) is not None)
+        ready = sum(b.count for k in self._ready if (b := self._buffers.get(k)) is not None)
         if ready >= samples:
             return ready
         candidates = [b for k, b in self._buffers.items()
-                      if len(b.entries) >= MIN_SAMPLES and k not in self._in_flight and k not in self._ready]
+                      if b.count >= MIN_SAMPLES and k not in self._in_flight and k not in self._ready]
         candidates.sort(key=_size, reverse=True)
         for buffer in candidates:
             self._ready[buffer.key] = reason
-            ready += len(buffer.entries)
+            ready += buffer.count
             if ready >= samples:
                 break
         return ready
@@ -212,7 +301,7 @@ class Batcher:
             (k, b) for k in keys if (b := self._buffers.get(k)) is not None
         ]
         for key, buffer in candidates:
-            if len(buffer.entries) < MIN_SAMPLES and key not in self._in_flight:
+            if buffer.count < MIN_SAMPLES and key not in self._in_flight:
                 out.append(self._remove(key, buffer))
         return out
 
@@ -231,21 +320,33 @@ class Batcher:
             if orphans:
                 buffer = self._buffers.get(key)
                 if buffer is None:
-                    buffer = self._buffers[key] = _Buffer(key, now)
+                    buffer = self._buffers[key] = _new_buffer(key, now, self._source_index(orphans[0].source))
                     self._look_again(buffer, now)
-                buffer.entries.extend(orphans)
+                self._pack_entries(buffer, orphans)
+                buffer.count += len(orphans)
+        gone = {index for source in sources if (index := self._index_of.get(source)) is not None}
         for key, buffer in list(self._buffers.items()):
-            kept = [e for e in buffer.entries if e.source not in sources]
-            if len(kept) == len(buffer.entries):
+            if buffer.source == _MIXED:
+                entries = self._unpack(buffer)
+                kept = [e for e in entries if e.source not in sources]
+                if len(kept) == len(entries):
+                    continue
+            elif buffer.source in gone:
+                kept = []
+            else:
                 continue
-            dropped += len(buffer.entries) - len(kept)
-            buffer.entries = kept
+            dropped += buffer.count - len(kept)
+            self._repack(buffer, kept)
             if not kept:
                 del self._buffers[key]  # done() copes with a key whose buffer is gone
                 self._ready.pop(key, None)
             else:
                 # What is left may be too small now, or its deadlines may have passed: look at it again.
                 self._look_again(buffer, buffer.since)
+        for source in sources:  # no buffered sample names them any more
+            index = self._index_of.pop(source, None)
+            if index is not None:
+                del self._sources[index]
         self._samples -= dropped
         return dropped
 
@@ -253,7 +354,9 @@ class Batcher:
         return set(self._buffers)
 
     def keys_with_sources(self, sources: set[Any]) -> set[Key]:
-        return {k for k, b in self._buffers.items() if any(e.source in sources for e in b.entries)}
+        indices = {index for source in sources if (index := self._index_of.get(source)) is not None}
+        return {k for k, b in self._buffers.items() if b.source in indices or (
+            b.source == _MIXED and any(e.source in sources for e in self._unpack(b)))}
 
     # -- state for metrics and shutdown ---------------------------------------------------------------
 
@@ -279,12 +382,53 @@ class Batcher:
 
     # -- internals ------------------------------------------------------------------------------------
 
+    def _source_index(self, source: Any) -> int:
+        index = self._index_of.get(source)
+        if index is None:
+            index = self._index_of[source] = self._next_source
+            self._sources[index] = source
+            self._next_source += 1
+        return index
+
+    def _pack_entries(self, buffer: _Buffer, entries: list[Entry]) -> None:
+        """Append entries to a buffer (its count is the caller's to raise)."""
+        for e in entries:
+            index = self._source_index(e.source)
+            if index != buffer.source:
+                buffer.source = _MIXED
+            _pack(buffer, e.start, e.body, e.offset, e.timestamp, e.born, index)
+
+    def _repack(self, buffer: _Buffer, entries: list[Entry]) -> None:
+        """Make a buffer hold exactly `entries` (what is left of it)."""
+        del buffer[:]
+        buffer.count = len(entries)
+        if entries:
+            buffer.source = self._index_of[entries[0].source]
+            self._pack_entries(buffer, entries)
+
+    def _unpack(self, buffer: _Buffer) -> list[Entry]:
+        """The buffer's samples as entries, in the order they were buffered."""
+        data = bytes(buffer)  # one copy: slices of bytes are the bodies themselves
+        sources, unpack, head = self._sources, _HEAD.unpack_from, _HEAD.size
+        out = []
+        at, end = 0, len(data)
+        while at < end:
+            length, start, offset, timestamp, born, index = unpack(data, at)
+            at += head
+            if length & _WIDE:
+                length ^= _WIDE
+                start = (start << 32) | _LOW.unpack_from(data, at)[0]
+                at += _LOW.size
+            out.append(Entry(start, data[at:at + length], sources[index], offset, timestamp, born))
+            at += length
+        return out
+
     def _fire_timers(self, now: float, wall: float, work: Work) -> None:
         window_queue, hold_queue, recheck = self._window_queue, self._hold_queue, self._recheck
         while window_queue and window_queue[0].since + self.window <= now:
             buffer = window_queue.popleft()
             if self._is_idle(buffer):
-                if len(buffer.entries) >= MIN_SAMPLES:
+                if buffer.count >= MIN_SAMPLES:
                     self._ready.setdefault(buffer.key, "window")
                 else:
                     hold_queue.append(buffer)  # since order is kept: the hold queue stays in deadline order
@@ -296,7 +440,7 @@ class Batcher:
             buffer = heapq.heappop(recheck)[2]
             if not self._is_idle(buffer):
                 continue
-            if len(buffer.entries) >= MIN_SAMPLES:
+            if buffer.count >= MIN_SAMPLES:
                 self._ready.setdefault(buffer.key, "window")
             elif now >= buffer.since + self.hold:
                 self._settle_small(buffer, wall, work)
@@ -309,9 +453,9 @@ class Batcher:
 
     def _settle_small(self, buffer: _Buffer, wall: float, work: Work) -> None:
         """A buffer whose hold is over: sendable after all, empty, or handed out to be parked or expired."""
-        if len(buffer.entries) >= MIN_SAMPLES:
+        if buffer.count >= MIN_SAMPLES:
             self._ready.setdefault(buffer.key, "window")
-        elif not buffer.entries:
+        elif not buffer.count:
             del self._buffers[buffer.key]
         else:
             small = self._remove(buffer.key, buffer)
@@ -330,55 +474,74 @@ class Batcher:
         self._rechecks += 1
         heapq.heappush(self._recheck, (when, self._rechecks, buffer))
 
-    def _take_batch(self, key: Key, reason: str) -> Batch | None:
+    def _take_batch(self, key: Key, reason: str, work: Work) -> Batch | None:
         buffer = self._buffers.get(key)
-        if buffer is None or key in self._in_flight or len(buffer.entries) < MIN_SAMPLES:
+        if buffer is None or key in self._in_flight or buffer.count < MIN_SAMPLES:
             return None
-        entries = buffer.entries
-        entries.sort(key=_by_start)
+        entries = self._unpack(buffer)
+        starts = [e.start for e in entries]
+        in_order = starts == sorted(starts)  # the common case: a device's samples arrive in order
+        if not in_order:
+            entries.sort(key=_by_start)
         entries, twins = split_twins(entries)
         if twins:  # set aside (still counted as buffered) until their original leaves
+            in_order = False
             self._twins.setdefault(key, []).extend(twins)
-            if len(entries) < MIN_SAMPLES:  # only copies made it look big enough: it waits for more
-                buffer.entries = entries
-                self._look_again(buffer, buffer.since)
+            if len(entries) < MIN_SAMPLES:  # only copies made it look big enough
+                self._repack(buffer, entries)
+                if self._flush_reason is not None:  # shutting down: no more samples will come; parked
+                    work.park.append(self._remove(key, buffer))
+                else:  # it waits for more
+                    self._look_again(buffer, buffer.since)
                 return None
         take = plan_take(len(entries), self.max_samples)
         if take == len(entries):
             batch = entries
             del self._buffers[key]
+            # Emptied even so: it may wait in a deadline queue for a while, holding nothing meanwhile.
+            self._repack(buffer, [])
         else:
             batch = entries[:take]
-        # Whole or not, the buffer lets go of what it handed out: it may wait in a deadline queue for a
-        # while, and must not keep a finished batch's samples alive there.
-        buffer.entries = entries[take:]
+            if in_order:  # what is left is the packed tail as it is: cut, not packed again
+                del buffer[:sum(map(len, [e.body for e in batch])) + _packed_heads(batch)]
+                buffer.count = len(entries) - take  # its source stays as it was: at worst "mixed" too widely
+            else:
+                self._repack(buffer, entries[take:])
         self._in_flight.add(key)
         twins = self._twins_of(key, batch, everything=take == len(entries))
         self._samples -= take + len(twins)
         return Batch(key, batch, reason, twins)
 
     def _twins_of(self, key: Key, entries: list[Entry], everything: bool) -> Twins:
-        """The waiting copies whose original is among `entries` (all of the key's, when `everything`)."""
+        """The waiting copies whose original is among `entries` (all of the key's, when `everything`), paired
+        with the original's entry in `entries`: an original left in its buffer was packed again, so the one
+        a copy was set aside with is another object now (equal start and bytes: one of a kind in a batch)."""
         waiting = self._twins.get(key)
         if not waiting:
             return []
+        by_sample = {(e.start, e.body): e for e in entries}
+        going = [(by_sample.get((o.start, o.body), o), c) for o, c in waiting
+                 if everything or (o.start, o.body) in by_sample]
         if everything:
             del self._twins[key]
-            return waiting
-        ids = {id(e) for e in entries}
-        going = [t for t in waiting if id(t[0]) in ids]
-        if going:
-            self._twins[key] = [t for t in waiting if id(t[0]) not in ids]
+        elif going:
+            self._twins[key] = [t for t in waiting if (t[0].start, t[0].body) not in by_sample]
         return going
 
     def _remove(self, key: Key, buffer: _Buffer) -> Small:
         del self._buffers[key]
         self._ready.pop(key, None)
-        entries, twins = split_twins(sorted(buffer.entries, key=_by_start))
-        buffer.entries = []  # see _take_batch: the buffer may still sit in a deadline queue
+        entries, twins = split_twins(sorted(self._unpack(buffer), key=_by_start))
+        self._repack(buffer, [])  # see _take_batch: the buffer may still sit in a deadline queue
         twins += self._twins_of(key, entries, everything=True)
         self._samples -= len(entries) + len(twins)
         return Small(key, entries, twins)
+
+
+def _packed_heads(entries: list[Entry]) -> int:
+    """Bytes the headers of these entries take packed (a start beyond int64 takes 4 more)."""
+    wide = sum(1 for e in entries if not -(2**63) <= e.start < 2**63)
+    return len(entries) * _HEAD.size + wide * _LOW.size
 
 
 def _small(entries: list[Entry], like: Small) -> Small:

@@ -5,15 +5,16 @@ because the API does not deduplicate. Per (user_id, data_type, device_name) the 
 accepted start (the device's watermark) and the fingerprints of the accepted samples whose start lies
 within `horizon` behind it, packed: two parallel int64 arrays sorted by start (16 bytes a sample).
 
-Before a sample is sent, `decide` says what it is:
+Before a sample is sent, `decide` says what it is (`verdicts_of`: of each sample of a batch, at once):
 - NEW: newer than its device's watermark (or a device never seen): sent;
 - DUPLICATE: its fingerprint is remembered: the API has it, it is not sent;
 - CORRECTION: a remembered sample of the same device has the same start but other content: sent;
 - LATE: older than the watermark but unknown: a late genuine sample, sent;
 - BEYOND: older than the horizon and unknown: nothing remembered can tell; the caller's policy decides.
 
-Only what the API accepted is recorded (`record`), never what was merely seen. Forgetting (the horizon, the
-caps, a revoked partition) can only turn a DUPLICATE into LATE or BEYOND: a duplicate sent, never a loss.
+Only what the API accepted is recorded (`record_run`, `record_of`), never what was merely seen. Forgetting (the
+horizon, the caps, a revoked partition) can only turn a DUPLICATE into LATE or BEYOND: a duplicate sent, never a
+loss.
 
 State is per source partition number (a ledger record lives in the ledger topic's partition of the same
 number): a member restores and drops exactly the partitions it is assigned.
@@ -24,11 +25,12 @@ from __future__ import annotations
 import heapq
 import re
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
+from itertools import repeat
 
-from stream.ledger_format import DeviceSamples, LedgerRecord, fingerprint, pack, unpack
+from stream.ledger_format import DeviceSamples, LedgerRecord, fingerprint, fingerprints, pack_array, unpack
 
 NEW, DUPLICATE, CORRECTION, LATE, BEYOND = "new", "duplicate", "correction", "late", "beyond_horizon"
 KINDS = (NEW, DUPLICATE, CORRECTION, LATE, BEYOND)
@@ -78,6 +80,50 @@ class DeviceOf:
         self._prefix = body[: _DEVICE_AT + len(device)]
         self._device = device
         return device
+
+
+def shared_device(bodies: list[bytes]) -> bytes | None:
+    """The device of a run of bodies when they all have the first one's (what DeviceOf would say of each: they
+    all start like the first up to the end of its device_name), else None. One scan in C, no call per body."""
+    first = bodies[0]
+    device = device_of(first)
+    prefix = first[: _DEVICE_AT + len(device)]
+    try:
+        if all(map(bytes.startswith, bodies, repeat(prefix))):
+            return device
+    except TypeError:  # a body that is not bytes: the caller reads them one by one
+        pass
+    return None
+
+
+_PREFIXES = 8  # devices of a run told apart by their prefix at most (more are rare: device_of for the others)
+
+
+def by_device(bodies: list[bytes]) -> dict[bytes, list[int]]:
+    """The indices of a run of bodies per device (device_of of each), devices in the order they first appear.
+
+    A body that starts like an earlier one up to the end of its device_name has its device (as in DeviceOf,
+    for a few devices that take turns): one comparison per body and device known, rather than a parse."""
+    groups: dict[bytes, list[int]] = {}
+    known: list[tuple[bytes, list[int]]] = []  # (a body's start up to its device_name's closing quote, its group)
+    for at, body in enumerate(bodies):
+        for prefix, group in known:
+            if body.startswith(prefix):
+                group.append(at)
+                break
+        else:
+            device = device_of(body)
+            group = groups.get(device)
+            if group is None:
+                group = groups[device] = []
+            group.append(at)
+            # Only a whole JSON string ends a prefix that tells its device (as DeviceOf's, which follow it).
+            if len(known) < _PREFIXES and len(device) > 1 and device[0] == device[-1] == 0x22:
+                known.append((body[: _DEVICE_AT + len(device)], group))
+    return groups
+
+
+_NEW = (NEW, 0)
 
 
 class _Device:
@@ -139,6 +185,89 @@ class Ledger:
             return CORRECTION, behind
         return (BEYOND if behind > self.horizon_ns else LATE), behind
 
+    def verdicts_of(self, user_id: str, data_type: str, numbers: list[int], starts: list[int],
+                    bodies: list[bytes]) -> list[tuple[str, int]] | None:
+        """`decide` of each sample of a run of one user and data type (parallel lists of their source partition
+        numbers, starts and API bytes, not empty); None when every one is NEW."""
+        first = numbers[0]
+        device = shared_device(bodies) if numbers.count(first) == len(numbers) else None
+        if device is not None:  # the common case: one device, one partition, one lookup
+            return self.verdicts(self._devices.get((first, (user_id, data_type, device))), starts, bodies)
+        out = [_NEW] * len(starts)
+        runs: dict[int, list[int]] = {}
+        for at, number in enumerate(numbers):
+            runs.setdefault(number, []).append(at)
+        for number, run in runs.items():
+            for device, group in by_device([bodies[at] for at in run]).items():
+                chosen = [run[at] for at in group]
+                found = self.verdicts(self._devices.get((number, (user_id, data_type, device))),
+                                      [starts[at] for at in chosen], [bodies[at] for at in chosen])
+                if found is not None:
+                    for at, verdict in zip(chosen, found, strict=True):
+                        out[at] = verdict
+        return out
+
+    def verdicts(self, device: _Device | None, starts: list[int], bodies: list[bytes]) -> list[tuple[str, int]] | None:
+        """`judge` of each of a run of one device's samples (parallel starts and API bytes); None when every one
+        is NEW (the common case: a device never seen, or samples newer than its watermark)."""
+        if device is None or device.watermark is None:
+            return None
+        watermark = device.watermark
+        if min(starts) > watermark:
+            return None
+        again = self._sent_again(device, starts, bodies)
+        if again is not None:
+            return again
+        horizon = self.horizon_ns
+        known = device.starts
+        count = len(known)
+        out: list[tuple[str, int]] = []
+        append = out.append
+        matched: list[tuple[int, int]] = []  # (index in the run, where its start is remembered): need a fingerprint
+        for index, start in enumerate(starts):
+            if start > watermark or start < _LOWEST:
+                append(_NEW)
+                continue
+            at = bisect_left(known, start)
+            if at < count and known[at] == start:
+                matched.append((index, at))
+                append(_NEW)  # a placeholder, decided below
+            else:
+                behind = watermark - start
+                append((BEYOND if behind > horizon else LATE, behind))
+        if matched:
+            prints = device.prints
+            remembered = unpack(fingerprints([bodies[index] for index, _ in matched]))
+            for (index, at), print_ in zip(matched, remembered, strict=True):
+                start = starts[index]
+                kind = CORRECTION
+                while at < count and known[at] == start:
+                    if prints[at] == print_:
+                        kind = DUPLICATE
+                        break
+                    at += 1
+                out[index] = (kind, watermark - start)
+        return out
+
+    @staticmethod
+    def _sent_again(device: _Device, starts: list[int], bodies: list[bytes]) -> list[tuple[str, int]] | None:
+        """The verdicts of a run in order whose samples up to the watermark are remembered side by side, each
+        with its fingerprint (a re-sync sending again what was accepted): DUPLICATE each, the newer ones NEW.
+        None when it is not so (each is judged on its own). As `judge`: a remembered (start, fingerprint) is a
+        DUPLICATE wherever its start's run of equal starts begins."""
+        watermark = device.watermark
+        assert watermark is not None
+        if starts[0] < _LOWEST or starts != sorted(starts):
+            return None
+        older = bisect_right(starts, watermark)  # starts[:older] are at most the watermark, the others newer
+        known = device.starts
+        first = bisect_left(known, starts[0])
+        if first + older > len(known) or known[first : first + older] != array("q", starts[:older]):
+            return None
+        if device.prints[first : first + older] != unpack(fingerprints(bodies[:older])):
+            return None
+        return [(DUPLICATE, watermark - start) for start in starts[:older]] + [_NEW] * (len(starts) - older)
+
     # -- recording --------------------------------------------------------------------------------------------
 
     def record(self, partition: int, key: DeviceKey, starts: list[int], prints: list[int]) -> None:
@@ -152,20 +281,37 @@ class Ledger:
         """Record accepted samples ((start, API bytes) of one user and data type, one partition) and return the
         ledger record to write for them (`remember=False`: only the record, for a partition no longer held).
         Samples starting before 1677, after 2262 or more than FUTURE_TOLERANCE_NS after `now_ns` are left out."""
-        by_device: dict[bytes, tuple[list[int], list[int]]] = {}
+        pairs = list(samples)
+        return self.record_run(partition, user_id, data_type, [start for start, _ in pairs],
+                               [body for _, body in pairs], now_ns, remember)
+
+    def record_run(self, partition: int, user_id: str, data_type: str, starts: list[int], bodies: list[bytes],
+                   now_ns: int, remember: bool = True) -> LedgerRecord:
+        """`record_of`, of the samples' starts and API bytes as two parallel lists."""
+        if not starts:
+            return LedgerRecord(user_id, data_type, [])
         latest = min(_HIGHEST, now_ns + FUTURE_TOLERANCE_NS)
-        device_in = DeviceOf()
-        for start, body in samples:
-            if not _LOWEST <= start <= latest:
-                continue
-            starts, prints = by_device.setdefault(device_in(body), ([], []))
-            starts.append(start)
-            prints.append(fingerprint(body))
+        if not (_LOWEST <= min(starts) and max(starts) <= latest):
+            kept = [at for at, start in enumerate(starts) if _LOWEST <= start <= latest]
+            starts = [starts[at] for at in kept]
+            bodies = [bodies[at] for at in kept]
+            if not starts:
+                return LedgerRecord(user_id, data_type, [])
+        device = shared_device(bodies)
+        if device is not None:  # the common case: the whole run is one device's
+            runs = [(device, starts, bodies)]
+        else:
+            runs = [(device, [starts[at] for at in group], [bodies[at] for at in group])
+                    for device, group in by_device(bodies).items()]
         devices = []
-        for device, (starts, prints) in by_device.items():
+        for device, device_starts, device_bodies in runs:
+            packed_starts = array("q", device_starts)
+            packed_prints = fingerprints(device_bodies)  # little-endian already: as written in the record
             if remember:
-                self.record(partition, (user_id, data_type, device), starts, prints)
-            devices.append(DeviceSamples(device.decode(), pack(starts), pack(prints)))
+                state = self._device(partition, (user_id, data_type, device))
+                self._add(state, device_starts, unpack(packed_prints), packed_starts)
+                self._bound(state)
+            devices.append(DeviceSamples(device.decode(), pack_array(packed_starts), packed_prints))
         return LedgerRecord(user_id, data_type, devices)
 
     def restore(self, partition: int, records: Iterable[LedgerRecord]) -> int:
@@ -219,13 +365,15 @@ class Ledger:
             self._devices.move_to_end(slot)  # the most recently active go last
         return device
 
-    def _add(self, device: _Device, starts: list[int] | array, prints: list[int] | array) -> None:
+    def _add(self, device: _Device, starts: list[int] | array, prints: list[int] | array,
+             packed_starts: array | None = None) -> None:
+        """Remember (start, fingerprint) pairs; `packed_starts`: the list `starts` as an int64 array already."""
         before = len(device.starts)
         known = device.starts
         if type(starts) is list and starts and (not known or starts[0] > known[-1]) and starts == sorted(starts):
             # The common case, a batch just accepted (no two identical samples: copies ride apart) of samples
             # newer than any remembered, in order: appended as they are.
-            known.extend(starts)
+            known.extend(starts if packed_starts is None else packed_starts)
             device.prints.extend(prints)
             self._trim(device, before)
             return

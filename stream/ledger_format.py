@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Iterable
 
 import msgspec
 
@@ -57,12 +58,41 @@ def unpack(data: bytes) -> array:
     return packed
 
 
+# A blake2b state with the fingerprint's parameters and no data: copying it is quicker than building a new one
+# with its parameters (hashlib parses them anew each time), and the digests are the same.
+_BLANK = hashlib.blake2b(digest_size=8)
+
+
 def fingerprint(body: bytes) -> int:
     """A stable 64-bit fingerprint of a sample's API bytes (signed, to fit an int64 array).
 
     blake2b, not Python's hash(): a fingerprint is stored in Kafka and compared by the next process.
     """
-    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little", signed=True)
+    state = _BLANK.copy()
+    state.update(body)
+    return int.from_bytes(state.digest(), "little", signed=True)
+
+
+def fingerprints(bodies: Iterable[bytes]) -> bytes:
+    """The fingerprints of samples' API bytes, packed as `pack` packs them: an 8-byte digest read as a
+    little-endian int64 is the fingerprint, so the packed array is the digests one after the other."""
+    copy = _BLANK.copy
+    digests = []
+    append = digests.append
+    for body in bodies:
+        state = copy()
+        state.update(body)
+        append(state.digest())
+    return b"".join(digests)
+
+
+def pack_array(values: array) -> bytes:
+    """`pack` of an int64 array (in this machine's byte order) already built."""
+    if _LITTLE:
+        return values.tobytes()
+    swapped = array("q", values)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 def encode_record(record: LedgerRecord) -> tuple[bytes, bytes]:

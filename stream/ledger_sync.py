@@ -18,7 +18,7 @@ import msgspec
 
 from stream.batching import Entry
 from stream.config import Settings
-from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, DeviceOf, Ledger
+from stream.ledger import BEYOND, DUPLICATE, KINDS, NEW, Ledger
 from stream.ledger_format import LedgerRecord, decode_key, decode_record, encode_record
 from stream.metrics import Metrics
 from stream.offsets import TopicPartition
@@ -438,35 +438,46 @@ class LedgerSync:
         """What of a batch goes to the API: not the samples it already accepted (in shadow mode: everything).
         `count=False`: decide without counting (samples that will be screened again before they are sent)."""
         ledger = self.ledger
-        counts = dict.fromkeys(KINDS, 0)
-        out = Screened([], [], [])
-        lateness = []
-        dead_letter_beyond = self.settings.ledger_beyond_horizon == "dead_letter"
-        device_in = DeviceOf()
-        last: tuple[int, bytes] | None = None
-        state = None
-        for entry in entries:
-            # A batch is mostly one device's samples in order: one lookup for the run, and a sample newer than
-            # the device's watermark is new without more ado.
-            place = (entry.source.tp.partition, device_in(entry.body))
-            if place != last:
-                state = ledger.device(place[0], (user_id, data_type, place[1]))
-                last = place
-            if state is None or state.watermark is None or entry.start > state.watermark:
-                kind, behind = NEW, 0
+        if not entries:
+            return Screened([], [], [])
+        # A batch is mostly one device's samples from one source partition, newer than its watermark: the
+        # ledger looks the device up once and says so (None) without a verdict per sample.
+        verdicts = ledger.verdicts_of(user_id, data_type, [e.source.tp.partition for e in entries],
+                                      [e.start for e in entries], [e.body for e in entries])
+        shadow = self.shadow
+        lateness: list[float] = []  # seconds behind the watermark of the samples neither NEW nor DUPLICATE
+        if verdicts is None:
+            out = Screened(list(entries), [], [])
+            counts = {NEW: len(entries)}
+        else:
+            kinds = [kind for kind, _ in verdicts]
+            new, duplicate = kinds.count(NEW), kinds.count(DUPLICATE)
+            counts = {NEW: new, DUPLICATE: duplicate}
+            if new + duplicate == len(kinds):  # nothing late (a re-sync, the newest samples after it): no more ado
+                if shadow or not duplicate:
+                    out = Screened(list(entries), [], [])
+                elif not new:
+                    out = Screened([], list(entries), [])
+                else:
+                    out = Screened([e for e, kind in zip(entries, kinds, strict=True) if kind == NEW],
+                                   [e for e, kind in zip(entries, kinds, strict=True) if kind == DUPLICATE], [])
             else:
-                kind, behind = ledger.judge(state, entry.start, entry.body)
-            counts[kind] += 1
-            if kind != NEW and kind != DUPLICATE:
-                lateness.append(behind / 1e9)
-            if self.shadow:
-                out.send.append(entry)
-            elif kind == DUPLICATE:
-                out.duplicates.append(entry)
-            elif kind == BEYOND and dead_letter_beyond:
-                out.beyond.append(entry)
-            else:
-                out.send.append(entry)
+                out = Screened([], [], [])
+                send, duplicates, beyond = out.send.append, out.duplicates.append, out.beyond.append
+                counts = dict.fromkeys(KINDS, 0)
+                dead_letter_beyond = self.settings.ledger_beyond_horizon == "dead_letter"
+                for entry, (kind, behind) in zip(entries, verdicts, strict=True):
+                    counts[kind] += 1
+                    if kind == NEW:
+                        send(entry)
+                    elif kind == DUPLICATE:
+                        (send if shadow else duplicates)(entry)
+                    else:
+                        lateness.append(behind / 1e9)
+                        if kind == BEYOND and dead_letter_beyond and not shadow:
+                            beyond(entry)
+                        else:
+                            send(entry)
         if not count:
             return out
         for kind, samples in counts.items():
@@ -482,9 +493,13 @@ class LedgerSync:
                accepted: list[Entry]) -> list[tuple[asyncio.Future[None], list[Entry]]]:
         """Remember accepted samples and write them to the ledger topic, one record per source partition
         number; returns each write with its entries, whose offsets are done once Kafka acknowledged it."""
+        numbers = [entry.source.tp.partition for entry in accepted]
         by_partition: dict[int, list[Entry]] = {}
-        for entry in accepted:
-            by_partition.setdefault(entry.source.tp.partition, []).append(entry)
+        if numbers and numbers.count(numbers[0]) == len(numbers):  # the common case: one source partition
+            by_partition[numbers[0]] = list(accepted)
+        else:
+            for number, entry in zip(numbers, accepted, strict=True):
+                by_partition.setdefault(number, []).append(entry)
         writes = []
         now = int(self.wall() * 1e9)
         for number, entries in by_partition.items():
@@ -496,8 +511,8 @@ class LedgerSync:
             # A partition revoked meanwhile is not remembered here (its next owner restores it from the
             # topic), but still written: the API has these samples.
             remember = number in self.ready
-            record = self.ledger.record_of(number, user_id, data_type, [(e.start, e.body) for e in entries],
-                                           now, remember=remember)
+            record = self.ledger.record_run(number, user_id, data_type, [e.start for e in entries],
+                                            [e.body for e in entries], now, remember=remember)
             key, value = encode_record(record)
             written = writer.write(self.settings.ledger_topic, key, value, [], partition=number)
             if remember:  # in the state already: its offset is ours (a follow need not read it back)

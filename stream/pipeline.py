@@ -261,7 +261,7 @@ class Pipeline:
         """Decode one partition's fetched records into the buffers (the hot path: kept flat on purpose)."""
         parked = state.tp.topic == self.settings.pending_topic
         group = self.settings.kafka_group_id.encode()
-        track, add = state.track, self.batcher.add
+        track, add = state.track, self.batcher.add_samples
         for record in records:
             offset = record.offset
             births = None
@@ -281,15 +281,10 @@ class Pipeline:
             for rejection in rejections:
                 self._dead_letter(rejection, state, offset, decoded.data_type)
             if samples:
-                timestamp = record.timestamp / 1000
-                if births:
-                    if len(births) != len(samples):  # cannot be matched one to one: the oldest for all
-                        births = [min(births)] * len(samples)
-                    pairs = zip(samples, births, strict=True)
-                    entries = [Entry(s.start, s.body, state, offset, timestamp, b) for s, b in pairs]
-                else:
-                    entries = [Entry(s.start, s.body, state, offset, timestamp, wall) for s in samples]
-                add((decoded.user_id, decoded.data_type), entries, now)
+                if births and len(births) != len(samples):  # cannot be matched one to one: the oldest for all
+                    births = [min(births)] * len(samples)
+                add((decoded.user_id, decoded.data_type), samples, state, offset, record.timestamp / 1000,
+                    births or wall, now)
 
     # -- handing out work -----------------------------------------------------------------------------
 

@@ -10,8 +10,19 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.ledger import BEYOND, CORRECTION, DEVICE_BYTES, DUPLICATE, LATE, NEW, DeviceOf, Ledger, device_of
-from stream.ledger_format import decode_record, encode_record, fingerprint
+from stream.ledger import (
+    BEYOND,
+    CORRECTION,
+    DEVICE_BYTES,
+    DUPLICATE,
+    FUTURE_TOLERANCE_NS,
+    LATE,
+    NEW,
+    DeviceOf,
+    Ledger,
+    device_of,
+)
+from stream.ledger_format import DeviceSamples, LedgerRecord, decode_record, encode_record, fingerprint, pack
 from stream.schema import Decoded
 from stream.schema import decode_record as decode_input
 
@@ -191,10 +202,8 @@ def test_the_device_is_read_from_the_samples_api_bytes_escapes_included():
 _NAMES = st.text(alphabet='ab"\\ \u00fc', min_size=1, max_size=6)
 
 
-@given(st.lists(_NAMES, min_size=1, max_size=12))
-def test_a_run_of_bodies_reads_each_device_as_device_of_does(names):
-    """DeviceOf reuses the previous device when a body starts like the previous one: never a wrong device,
-    whatever quotes and backslashes the names hold (one name a prefix of the next included)."""
+def _bodies_named(names: list[str]) -> list[bytes]:
+    """A sample's API bytes for each device name, as the decoder writes them."""
     bodies = []
     for name in names:
         value = msgspec.json.encode({"user_id": "u", "data_type": "steps", "device_name": name,
@@ -202,6 +211,14 @@ def test_a_run_of_bodies_reads_each_device_as_device_of_does(names):
         decoded = decode_input(value)
         assert isinstance(decoded, Decoded)
         bodies.append(decoded.samples[0].body)
+    return bodies
+
+
+@given(st.lists(_NAMES, min_size=1, max_size=12))
+def test_a_run_of_bodies_reads_each_device_as_device_of_does(names):
+    """DeviceOf reuses the previous device when a body starts like the previous one: never a wrong device,
+    whatever quotes and backslashes the names hold (one name a prefix of the next included)."""
+    bodies = _bodies_named(names)
     device_in = DeviceOf()
     assert [device_in(body) for body in bodies] == [device_of(body) for body in bodies]
 
@@ -277,8 +294,6 @@ def test_starts_outside_what_int64_holds_are_sent_and_never_break_the_state():
 
 
 def test_a_restore_skips_device_entries_that_are_not_two_int64_arrays_of_one_length():
-    from stream.ledger_format import DeviceSamples, LedgerRecord, pack
-
     good = DeviceSamples('"iPhone"', pack([HOUR]), pack([fingerprint(body(HOUR))]))
     bad = [DeviceSamples('"a"', b"1234567", b"1234567"), DeviceSamples('"b"', pack([1, 2]), pack([1]))]
     book = ledger()
@@ -297,3 +312,189 @@ def test_evicting_many_devices_costs_linear_time():
 
     assert book.devices <= 20_000 and book.evicted == 80_000
     assert took < 5.0, took  # the least recently active found in O(1): about 1 s here; quadratic took minutes
+
+
+# -- the per-sample paths of a batch (record_run, verdicts_of): the same bytes and decisions as one by one ---------
+
+DEVICES = ('"iPhone"', '"Apple Watch"', '"J\\u00fcrgen \\"B\\""')  # the last one with escapes
+NOW_2023 = 1_700_000_000 * 10**9
+
+
+def mixed_batch() -> list[tuple[int, bytes]]:
+    """Three devices taking turns, sharing each start; the same start twice with other content; one sample out
+    of order; one too far ahead and one before 1677 (both left out of the record)."""
+    base = NOW_2023 - 10 * HOUR
+    samples = []
+    for i in range(12):
+        start = base + (i // 3) * HOUR
+        samples.append((start, body(start, i, DEVICES[i % 3])))
+    samples.append((base + 3 * HOUR, body(base + 3 * HOUR, 99, DEVICES[0])))
+    samples.append((base + HOUR // 2, body(base + HOUR // 2, 7, DEVICES[2])))
+    samples.append((NOW_2023 + 2 * 86400 * 10**9, body(NOW_2023 + 2 * 86400 * 10**9, 1, DEVICES[1])))
+    samples.append((-(2**63) - 1, body(0, 1, DEVICES[1])))
+    return samples
+
+
+# Computed by the implementation before record_run (a sample at a time: fingerprint, pack): ledger records written
+# by either are read by the other, and the same batch recorded by either is one key (compaction keeps it once).
+GOLDEN_KEY = b"\x93\xa2u1\xa5steps\xb07e5349ec2eed49d5"  # its digest is the value's blake2b: the value's bytes
+GOLDEN_AGAIN_KEY = b"\x93\xa2u1\xa5steps\xb012870bc4dbe3b5f7"
+GOLDEN_DEVICES = [  # device, starts in half hours from NOW_2023, fingerprints
+    ('"iPhone"', [-20, -18, -16, -14, -14], [8708784676425067755, 4333110460185153659, -1481395224118526975,
+                                             -7146297680261962674, 7757231934482962797]),
+    ('"Apple Watch"', [-20, -18, -16, -14], [-8022028679918092102, -8900831725535372470, 2291378721679412202,
+                                             4456965181272844531]),
+    ('"J\\u00fcrgen \\"B\\""', [-20, -18, -16, -14, -19], [-6199132230732352756, 5738820717453112638,
+                                                           3134143032463915017, -6627150801894542546,
+                                                           -4260581671260104358]),
+]
+GOLDEN_STATE = {  # device: (watermark, remembered starts, fingerprints) after the mixed batch and GOLDEN_AGAIN's
+    b'"iPhone"': (1699974800000000000, [1699964000000000000, 1699967600000000000, 1699971200000000000,
+                                        1699974800000000000, 1699974800000000000],
+                  [8708784676425067755, 4333110460185153659, -1481395224118526975, -7146297680261962674,
+                   7757231934482962797]),
+    b'"Apple Watch"': (1699974800000000000, [1699964000000000000, 1699967600000000000, 1699971200000000000,
+                                             1699974800000000000],
+                       [-8022028679918092102, -8900831725535372470, 2291378721679412202, 4456965181272844531]),
+    b'"J\\u00fcrgen \\"B\\""': (1699996400000000000, [1699928000000000000, 1699964000000000000, 1699965800000000000,
+                                                     1699967600000000000, 1699971200000000000, 1699974800000000000,
+                                                     1699996400000000000],
+                               [-1610144489986106490, -6199132230732352756, -4260581671260104358,
+                                5738820717453112638, 3134143032463915017, -6627150801894542546,
+                                -2294586616872863533]),
+}
+
+
+def golden_again() -> list[tuple[int, bytes]]:
+    return [(NOW_2023 - HOUR, body(NOW_2023 - HOUR, 5, DEVICES[2])),
+            (NOW_2023 - 20 * HOUR, body(NOW_2023 - 20 * HOUR, 6, DEVICES[2]))]
+
+
+def test_a_mixed_batch_is_recorded_in_the_same_bytes_as_before():
+    from stream.ledger_format import unpack
+
+    book = ledger()
+    record = book.record_of(3, "u1", "steps", mixed_batch(), NOW_2023)
+    key, _ = encode_record(record)
+
+    assert [(d.device, [(s - NOW_2023) // (HOUR // 2) for s in unpack(d.starts)], list(unpack(d.prints)))
+            for d in record.devices] == GOLDEN_DEVICES
+    assert key == GOLDEN_KEY
+    assert encode_record(book.record_of(3, "u1", "steps", golden_again(), NOW_2023))[0] == GOLDEN_AGAIN_KEY
+    assert {key[2]: (d.watermark, list(d.starts), list(d.prints)) for (_, key), d in book._devices.items()} \
+        == GOLDEN_STATE
+    assert (book.entries, book.devices) == (16, 3)
+
+
+async def test_the_ledger_record_written_for_accepted_entries_has_the_same_bytes_as_before():
+    from stream import config
+    from stream.batching import Entry
+    from stream.ledger_sync import LedgerSync
+    from stream.metrics import Metrics
+    from stream.offsets import TopicPartition
+
+    class Source:
+        tp = TopicPartition("samples", 3)
+
+    class Written:
+        def add_done_callback(self, callback):
+            pass
+
+    class Writer:
+        def __init__(self) -> None:
+            self.writes: list[tuple[bytes, bytes, int | None]] = []
+
+        def write(self, topic, key, value, headers, partition=None):
+            self.writes.append((key, value, partition))
+            return Written()
+
+    settings = msgspec.convert({"api_token": "t", "metrics_port": 0}, config.Settings)
+    sync = LedgerSync(settings, Metrics(), None, None, clock=lambda: 0.0, wall=lambda: NOW_2023 / 1e9)
+    sync._new_state(3, 0)
+    sync.ready.add(3)
+    fields = Entry.__struct_fields__
+    entries = [Entry(**{name: {"start": s, "body": b, "source": Source()}.get(name, 0) for name in fields})
+               for s, b in mixed_batch()]
+    writer = Writer()
+
+    sync.record(writer, "u1", "steps", entries)
+
+    [(key, _, partition)] = writer.writes
+    assert (key, partition) == (GOLDEN_KEY, 3)
+    assert sync.ledger.entries == 14
+
+
+def test_packed_fingerprints_are_the_fingerprints_packed():
+    from stream.ledger_format import fingerprints, unpack
+
+    bodies = [body(start, device=device) for start in range(50) for device in DEVICES]
+    assert fingerprints(bodies) == pack([fingerprint(b) for b in bodies])
+    assert list(unpack(fingerprints(bodies))) == [fingerprint(b) for b in bodies]
+    assert fingerprints([]) == b""
+
+
+@given(st.lists(_NAMES, min_size=1, max_size=12))
+def test_a_runs_devices_are_each_bodys_device_of(names):
+    from stream.ledger import by_device, shared_device
+
+    bodies = _bodies_named(names)
+    each = [device_of(b) for b in bodies]
+    groups: dict[bytes, list[int]] = {}
+    for at, device in enumerate(each):
+        groups.setdefault(device, []).append(at)
+
+    assert by_device(bodies) == groups and list(by_device(bodies)) == list(groups)
+    assert shared_device(bodies) == (each[0] if len(groups) == 1 else None)
+
+
+def record_one_by_one(book: Ledger, partition: int, samples: list[tuple[int, bytes]]) -> LedgerRecord:
+    """Ledger.record_of as it was: a sample at a time (device, fingerprint), then each device's packed."""
+    by_device: dict[bytes, tuple[list[int], list[int]]] = {}
+    for start, value in samples:
+        if -(2**63) <= start <= min(2**63 - 1, NOW + FUTURE_TOLERANCE_NS):
+            starts, prints = by_device.setdefault(device_of(value), ([], []))
+            starts.append(start)
+            prints.append(fingerprint(value))
+    for device, (starts, prints) in by_device.items():
+        book.record(partition, ("u1", "steps", device), starts, prints)
+    return LedgerRecord("u1", "steps", [DeviceSamples(d.decode(), pack(s), pack(p)) for d, (s, p) in by_device.items()])
+
+
+runs = st.lists(
+    st.tuples(
+        st.sampled_from(["accept", "screen", "screen"]),
+        st.lists(st.tuples(st.integers(0, 1), st.integers(0, 2), st.integers(0, 30), st.integers(1, 2)),
+                 min_size=1, max_size=12),  # (partition, device, start, value)
+        st.booleans(),  # in order of start
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(runs, st.sampled_from([5, 1000]), st.sampled_from([4, 1000]))
+def test_a_run_is_recorded_and_screened_as_its_samples_one_by_one(ops, horizon, per_device):
+    """A batch recorded at once (record_run) is the record and the state that recording its samples one by one
+    gives; what it is screened with (verdicts_of: a lookup per device, a re-sync's run at once) says of each
+    sample what `decide` says of it alone."""
+    book = Ledger(horizon_ns=horizon, max_bytes=1 << 30, max_per_device=per_device)
+    alone = Ledger(horizon_ns=horizon, max_bytes=1 << 30, max_per_device=per_device)
+    for kind, samples, ordered in ops:
+        if ordered:
+            samples = sorted(samples, key=lambda s: s[2])
+        numbers = [p for p, _, _, _ in samples]
+        starts = [s for _, _, s, _ in samples]
+        bodies = [body(s, v, DEVICES[d]) for _, d, s, v in samples]
+        if kind == "accept":
+            for number in sorted(set(numbers)):
+                chosen = [at for at, n in enumerate(numbers) if n == number]
+                record = book.record_run(number, "u1", "steps", [starts[at] for at in chosen],
+                                         [bodies[at] for at in chosen], NOW)
+                assert record == record_one_by_one(alone, number, [(starts[at], bodies[at]) for at in chosen])
+            assert {k: (d.watermark, list(d.starts), list(d.prints)) for k, d in book._devices.items()} == \
+                {k: (d.watermark, list(d.starts), list(d.prints)) for k, d in alone._devices.items()}
+            continue
+        verdicts = book.verdicts_of("u1", "steps", numbers, starts, bodies)
+        expected = [book.decide(n, ("u1", "steps", DEVICES[d].encode()), s, b)
+                    for (n, d, s, _), b in zip(samples, bodies, strict=True)]
+        assert (verdicts or [(NEW, 0)] * len(samples)) == expected

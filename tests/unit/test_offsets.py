@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import random
+from collections import deque
+from unittest.mock import patch
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from stream import offsets as offsets_module
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 
 TP = TopicPartition("samples", 0)
@@ -222,3 +228,170 @@ def test_random_acks_never_let_the_watermark_pass_a_record_not_done(seed):
         left[offset] -= 1
         not_done = [o for o in offsets if left[o] > 0]
         assert state.committable() == (not_done[0] if not_done else offsets[-1] + 1)
+
+
+# -- the packed layout against the dict it replaced ----------------------------------------------------
+
+
+class DictOffsets:
+    """The reference model: the dict-and-deque PartitionOffsets this module had before it was packed."""
+
+    def __init__(self) -> None:
+        self.order: deque[int] = deque()
+        self.remaining: dict[int, int] = {}
+        self.seen: int | None = None
+        self.closed = False
+
+    def track(self, offset: int, parts: int) -> None:
+        if self.seen is None or offset > self.seen:
+            self.seen = offset
+            if parts > 0:
+                self.order.append(offset)
+                self.remaining[offset] = parts
+        elif parts > 0:
+            if offset in self.remaining:
+                self.remaining[offset] += parts
+            else:
+                self.remaining[offset] = parts
+                self.order.insert(bisect.bisect_left(self.order, offset), offset)
+
+    def ack(self, offset: int, parts: int = 1) -> None:
+        if self.closed:
+            return
+        left = self.remaining.get(offset)
+        if left is None:
+            return
+        if left > parts:
+            self.remaining[offset] = left - parts
+        else:
+            del self.remaining[offset]
+
+    def committable(self) -> int | None:
+        while self.order and self.order[0] not in self.remaining:
+            self.order.popleft()
+        if self.order:
+            return self.order[0]
+        return None if self.seen is None else self.seen + 1
+
+    @property
+    def pending(self) -> int:
+        return len(self.remaining)
+
+
+PARTS = st.one_of(st.integers(0, 3), st.sampled_from([2**31 - 1, 2**31, 2**40]))  # huge: wider than int32
+GAP = st.sampled_from([1, 1, 1, 2, 4])  # the distance to the next offset: mostly none, as in Kafka
+ACK_PARTS = st.one_of(st.integers(1, 4), st.just(2**41))
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("track"), GAP, PARTS),  # the next record: just after the highest, or past a gap
+        st.tuples(st.just("track"), GAP, PARTS),
+        st.tuples(st.just("track again"), st.integers(0, 40), PARTS),  # a rewind: this far below the highest
+        st.tuples(st.just("track again tracked"), st.integers(0, 10**6), PARTS),  # a rewind to a record tracked
+        st.tuples(st.just("ack"), st.integers(-3, 40), ACK_PARTS),  # this far below the highest (<0: unknown)
+        st.tuples(st.just("ack tracked"), st.integers(0, 10**6), ACK_PARTS),  # any record tracked so far
+        st.tuples(st.just("ack tracked"), st.integers(0, 10**6), ACK_PARTS),
+        st.tuples(st.just("committable"), st.just(0), st.just(0)),
+    ),
+    max_size=300,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, start=st.sampled_from([0, 5, 2**40]), compact_min=st.sampled_from([1, 3, 1024]),
+       every_step=st.booleans(), close_at=st.none() | st.integers(0, 300))
+def test_the_packed_offsets_behave_like_the_dict_they_replaced(ops, start, compact_min, every_step, close_at):
+    # A small compaction threshold drops the done prefix often, so that acks, re-tracks and the head are
+    # also checked across drops. Without `every_step`, committable() runs only where the ops say: acks then
+    # meet a head left behind done entries, as between two commits of the pipeline.
+    with patch.object(offsets_module, "_COMPACT_MIN", compact_min):
+        state, model = PartitionOffsets(TP), DictOffsets()
+        tracked: list[int] = []
+        highest = start - 1
+        for step, (op, number, parts) in enumerate(ops):
+            if step == close_at:  # revoked: later acks move nothing
+                state.closed = model.closed = True
+            if op == "track":
+                highest += number
+                tracked.append(highest)
+                state.track(highest, parts)
+                model.track(highest, parts)
+            elif op == "track again" and tracked:
+                state.track(highest - number, parts)
+                model.track(highest - number, parts)
+            elif op == "track again tracked" and tracked:
+                offset = tracked[number % len(tracked)]
+                state.track(offset, parts)
+                model.track(offset, parts)
+            elif op == "ack":
+                state.ack(highest - number, parts)
+                model.ack(highest - number, parts)
+            elif op == "ack tracked" and tracked:
+                offset = tracked[number % len(tracked)]
+                state.ack(offset, parts)
+                model.ack(offset, parts)
+            assert state.pending == model.pending
+            if every_step or op == "committable":
+                assert state.committable() == model.committable()
+        assert state.committable() == model.committable()
+        assert state.pending == model.pending
+
+
+def test_done_records_release_their_memory():
+    state = partition(*range(100_000))
+    for offset in range(99_999):
+        state.ack(offset)
+    assert state.committable() == 99_999
+    assert len(state._offsets) < 1_000 and len(state._left) < 1_000  # not 100,000 entries of done records
+
+    state.ack(99_999)
+    assert state.committable() == 100_000
+    assert state.pending == 0
+
+
+@pytest.mark.parametrize("first", [2**31 - 1, 2**33])
+def test_a_record_with_more_parts_than_an_int32_counts_them_all(first):
+    state = partition(0, 1)
+    state.track(2, first)
+    state.track(2, 2**33)  # a rewind adds more: past an int32 however many the first time brought
+    state.track(1, 2**32)  # a rewind inserts one as large
+    state.ack(0)
+    state.ack(1, 2**32 + 1)
+    state.ack(2, first + 2**33 - 1)
+    assert (state.committable(), state.pending) == (2, 1)
+    state.ack(2)
+    assert (state.committable(), state.pending) == (3, 0)
+
+
+def test_a_record_fetched_again_after_its_entry_was_dropped_holds_the_commit_again():
+    state = partition(*range(5_000))
+    for offset in range(5_000):
+        state.ack(offset)
+    assert state.committable() == 5_000  # the done entries are dropped here
+
+    state.track(10, 2)  # a rewind far back: tracked anew, in order
+    state.track(4_000, 1)
+    assert (state.committable(), state.pending) == (10, 2)
+    state.ack(10, 2)
+    assert state.committable() == 4_000
+    state.ack(4_000)
+    assert state.committable() == 5_000
+
+
+def test_acks_find_their_records_across_gaps_in_any_order():
+    offsets = [*range(0, 3_000, 3), *range(10_000, 10_500), 50_000]
+    state = partition(*offsets)
+    for offset in sorted(offsets, key=lambda o: (o * 7919) % 1_009):  # scattered, as batches ack them
+        state.ack(offset + 1)  # in a gap: never tracked
+        state.ack(offset)
+    assert state.pending == 0
+    assert state.committable() == 50_001
+
+
+def test_acks_find_their_records_after_a_rewind_inserted_one_before_them():
+    state = partition(*range(10, 21))
+    state.ack(15)  # the entry an ack found last, where the next one looks first
+    state.track(3, 1)  # inserted in front: every entry moves up by one
+    for offset in (13, 14, 16, 20, 3, 10):  # 13 first: just below where the hint now points
+        state.ack(offset)
+    assert state.pending == 5
+    assert state.committable() == 11

@@ -49,7 +49,7 @@ async def test_a_delivery_cancelled_before_it_ran_frees_its_key():
     pipeline = Pipeline(SETTINGS)
     state = PartitionOffsets(TopicPartition("samples", 0))
     key = ("user-1", "steps")
-    pipeline.batcher.add(key, [Entry(float(i), b"{}", state, i, 0.0) for i in range(5)], now=0.0)
+    pipeline.batcher.add(key, [Entry(i, b"{}", state, i, 0.0) for i in range(5)], now=0.0)
     pipeline.batcher.flush_keys({key}, "revoke")
     pipeline._dispatch()
     (task,) = list(pipeline._deliveries)
@@ -58,7 +58,7 @@ async def test_a_delivery_cancelled_before_it_ran_frees_its_key():
     await asyncio.sleep(0)  # its done callbacks run
     assert pipeline.batcher.in_flight == 0
     # The key can send again: a later full buffer leaves.
-    pipeline.batcher.add(key, [Entry(float(i), b"{}", state, i, 0.0) for i in range(1000)], now=1.0)
+    pipeline.batcher.add(key, [Entry(i, b"{}", state, i, 0.0) for i in range(1000)], now=1.0)
     work = pipeline.batcher.poll(1.0, 1.0, slots=1)
     assert [b.key for b in work.batches] == [key]
     await pipeline.source._consumer.stop()
