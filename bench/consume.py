@@ -3,8 +3,8 @@ also decodes each value with msgspec into a Struct of the event shape. The clien
 
 Run as a subprocess by the benchmark (``python -m bench.consume``): it joins its own consumer group with the
 service's consumer settings, counts records, and prints one JSON line per mark on stdout (``first``,
-``p99``, ``done``) with the wall time (time.time()) it was reached. After ``done`` it waits for its stdin
-to close, so the benchmark can read its CPU time and peak RSS from /proc before it exits.
+``p25``, ``p75``, ``p99``, ``done``) with the wall time (time.time()) it was reached. After ``done`` it
+waits for its stdin to close, so the benchmark can read its CPU time and peak RSS from /proc before it exits.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ async def consume(args: argparse.Namespace) -> None:
     )
     decode = msgspec.json.Decoder(Event).decode if args.mode == "msgspec" else None
     expect, mark99 = args.expect, int(args.expect * 0.99)
+    quarters = [("p25", int(args.expect * 0.25)), ("p75", int(args.expect * 0.75))]
     count = 0
     first = p99 = False
     await consumer.start()
@@ -69,6 +70,8 @@ async def consume(args: argparse.Namespace) -> None:
             if not first:
                 first = True
                 _emit("first", count)
+            while quarters and count >= quarters[0][1]:
+                _emit(quarters.pop(0)[0], count)
             if not p99 and count >= mark99:
                 p99 = True
                 _emit("p99", count)

@@ -55,7 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     min_batch_max_age_seconds: Seconds = 86400.0
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     max_requests_per_second: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
-    max_buffered_samples: Annotated[int, msgspec.Meta(ge=1000)] = 200_000
+    max_buffered_samples: Annotated[int, msgspec.Meta(ge=1000)] = 500_000
     commit_interval_seconds: Seconds = 5.0
     drain_timeout_seconds: Seconds = 30.0
     revoke_timeout_seconds: Seconds = 15.0
