@@ -503,7 +503,7 @@ class Batcher:
         else:
             batch = entries[:take]
             if in_order:  # what is left is the packed tail as it is: cut, not packed again
-                del buffer[:sum(map(len, [e.body for e in batch])) + _packed_heads(batch)]
+                del buffer[:sum(len(e.body) for e in batch) + _packed_heads(batch)]
                 buffer.count = len(entries) - take  # its source stays as it was: at worst "mixed" too widely
             else:
                 self._repack(buffer, entries[take:])

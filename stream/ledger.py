@@ -62,29 +62,10 @@ def device_of(body: bytes) -> bytes:
     return match.group(0) if match else body[_DEVICE_AT:]
 
 
-class DeviceOf:
-    """device_of for a run of bodies that mostly share their device (a batch, a device's samples in a row): when
-    a body starts like the previous one up to the end of its device_name, the device is the previous one's."""
-
-    __slots__ = ("_device", "_prefix")
-
-    def __init__(self) -> None:
-        self._prefix: bytes | None = None
-        self._device = b""
-
-    def __call__(self, body: bytes) -> bytes:
-        # Equal bytes up to the previous device_name's closing quote: the same string, whatever its escapes.
-        if self._prefix is not None and body.startswith(self._prefix):
-            return self._device
-        device = device_of(body)
-        self._prefix = body[: _DEVICE_AT + len(device)]
-        self._device = device
-        return device
-
-
 def shared_device(bodies: list[bytes]) -> bytes | None:
-    """The device of a run of bodies when they all have the first one's (what DeviceOf would say of each: they
-    all start like the first up to the end of its device_name), else None. One scan in C, no call per body."""
+    """The device of a run of bodies when they all have the first one's (they all start like the first up to
+    the end of its device_name: equal bytes up to its closing quote are the same string, whatever its escapes),
+    else None. One scan in C, no call per body."""
     first = bodies[0]
     device = device_of(first)
     prefix = first[: _DEVICE_AT + len(device)]
@@ -102,8 +83,8 @@ _PREFIXES = 8  # devices of a run told apart by their prefix at most (more are r
 def by_device(bodies: list[bytes]) -> dict[bytes, list[int]]:
     """The indices of a run of bodies per device (device_of of each), devices in the order they first appear.
 
-    A body that starts like an earlier one up to the end of its device_name has its device (as in DeviceOf,
-    for a few devices that take turns): one comparison per body and device known, rather than a parse."""
+    A body that starts like an earlier one up to the end of its device_name has its device (for a few devices
+    that take turns): one comparison per body and device known, rather than a parse."""
     groups: dict[bytes, list[int]] = {}
     known: list[tuple[bytes, list[int]]] = []  # (a body's start up to its device_name's closing quote, its group)
     for at, body in enumerate(bodies):
@@ -117,7 +98,7 @@ def by_device(bodies: list[bytes]) -> dict[bytes, list[int]]:
             if group is None:
                 group = groups[device] = []
             group.append(at)
-            # Only a whole JSON string ends a prefix that tells its device (as DeviceOf's, which follow it).
+            # Only a whole JSON string ends a prefix that tells its device.
             if len(known) < _PREFIXES and len(device) > 1 and device[0] == device[-1] == 0x22:
                 known.append((body[: _DEVICE_AT + len(device)], group))
     return groups
@@ -163,10 +144,6 @@ class Ledger:
     def decide(self, partition: int, key: DeviceKey, start: int, body: bytes) -> tuple[str, int]:
         """(what the sample is, how far behind its device's watermark it starts in ns: 0 when NEW)."""
         return self.judge(self._devices.get((partition, key)), start, body)
-
-    def device(self, partition: int, key: DeviceKey) -> _Device | None:
-        """A device's state, to `judge` several of its samples with one lookup (None: never seen)."""
-        return self._devices.get((partition, key))
 
     def judge(self, device: _Device | None, start: int, body: bytes) -> tuple[str, int]:
         """`decide`, for a device looked up already."""

@@ -18,7 +18,6 @@ from stream.ledger import (
     FUTURE_TOLERANCE_NS,
     LATE,
     NEW,
-    DeviceOf,
     Ledger,
     device_of,
 )
@@ -212,15 +211,6 @@ def _bodies_named(names: list[str]) -> list[bytes]:
         assert isinstance(decoded, Decoded)
         bodies.append(decoded.samples[0].body)
     return bodies
-
-
-@given(st.lists(_NAMES, min_size=1, max_size=12))
-def test_a_run_of_bodies_reads_each_device_as_device_of_does(names):
-    """DeviceOf reuses the previous device when a body starts like the previous one: never a wrong device,
-    whatever quotes and backslashes the names hold (one name a prefix of the next included)."""
-    bodies = _bodies_named(names)
-    device_in = DeviceOf()
-    assert [device_in(body) for body in bodies] == [device_of(body) for body in bodies]
 
 
 def test_fingerprints_are_stable_across_processes():
