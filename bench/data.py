@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from stream.generate import WearableData
+from stream.dev.generate import WearableData
 
 DATA_TYPES = ("steps", "bpm")
 

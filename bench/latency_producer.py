@@ -17,7 +17,7 @@ import time
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from stream.generate import WearableData
+from stream.dev.generate import WearableData
 
 TICK = 0.002  # seconds between pacing checks
 

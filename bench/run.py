@@ -1,6 +1,6 @@
 """`python -m bench`: the service against its ceilings and against Quix Streams, in one run, on this machine.
 
-One local Apache Kafka broker (stream.localkafka) and one sandbox API (``stream sandbox --fast``, a
+One local Apache Kafka broker (stream.dev.localkafka) and one sandbox API (``stream sandbox --fast``, a
 subprocess) serve every contender. For each workload of ``--workload`` a topic of ``--events`` single-sample
 events of ``--users`` users is produced once and read by each contender with its own fresh consumer group:
 
@@ -609,7 +609,7 @@ class AcceptanceLog:
 
 
 async def run_latency(bench: Bench) -> dict[str, Any]:
-    from stream.sandbox import SandboxServer
+    from stream.dev.sandbox import SandboxServer
 
     args = bench.args
     window = 1.0
@@ -931,8 +931,8 @@ def _tree_hash(package: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):  # stream/dev/ too: the sandbox and the broker are measured with it
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -1062,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap:
         results = asyncio.run(run_all(args, args.bootstrap, None, "external broker"))
     else:
-        from stream.localkafka import LocalKafka
+        from stream.dev.localkafka import LocalKafka
 
         with LocalKafka(port=0, heap="1g") as broker:
             results = asyncio.run(run_all(args, broker.bootstrap, broker.pid, f"Apache Kafka {broker.version}"))

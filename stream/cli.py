@@ -1,5 +1,8 @@
 """The `stream` command: `run` (the service), `sandbox` (a local Samples API), `kafka` (a local broker),
-`demo` (all of it end to end on generated data) and `generate` (wearable events into a topic)."""
+`demo` (all of it end to end on generated data) and `generate` (wearable events into a topic).
+
+The development tools live in stream/dev/ and are imported only inside their commands' branches, so `stream run`
+never loads them (tests/unit/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -42,19 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         return run_main(rest)
     if command == "sandbox":
-        from stream import sandbox
+        from stream.dev import sandbox
 
         return sandbox.main(rest)
     if command == "kafka":
-        from stream import localkafka
+        from stream.dev import localkafka
 
         return localkafka.main(rest)
     if command == "demo":
-        from stream import demo
+        from stream.dev import demo
 
         return demo.main(rest)
     if command == "generate":
-        from stream import demo
+        from stream.dev import demo
 
         return demo.generate_main(rest)
     if command == "ledger":

@@ -20,9 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from stream import config
-from stream.localkafka import LocalKafka
+from stream.dev.localkafka import LocalKafka
+from stream.dev.sandbox import SandboxServer
 from stream.pipeline import Pipeline
-from stream.sandbox import SandboxServer
 
 TOKEN = "integration-token"
 

@@ -8,7 +8,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from stream.generate import INVALID_RECORDS, Record, WearableData, produce
+from stream.dev.generate import INVALID_RECORDS, Record, WearableData, produce
 from stream.schema import Decoded, decode_record
 
 from .conftest import (

@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 from stream.pipeline import Pipeline
 from stream.token import TokenSource
 

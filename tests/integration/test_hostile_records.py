@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 
 from .conftest import accepted_identities, all_done, eventually, make_settings, read_topic, settings_env
 from .test_dead_letter_volume import metric_is, peak_rss_mib

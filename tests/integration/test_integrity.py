@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream.deadletter import PARKED_BORN_HEADER, PARKED_GROUP_HEADER
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 
 from .conftest import (
     accepted_identities,

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import msgspec
 import pytest
 
-from stream.generate import Record, WearableData, produce
+from stream.dev.generate import Record, WearableData, produce
 from stream.kafka_options import kafka_client_options
 from stream.ledger_store import forget_user
 

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
-from stream.localkafka import (
+from stream.dev.localkafka import (
     PIDFILE_VARIABLE,
     LocalKafka,
     LocalKafkaError,
@@ -255,7 +255,7 @@ def test_broker_dying_at_start_raises_with_its_log():
 _ABANDONING_PARENT = """
 import sys
 from pathlib import Path
-from stream.localkafka import LocalKafka
+from stream.dev.localkafka import LocalKafka
 LocalKafka(data_dir=Path(sys.argv[1])).start()
 print("started", flush=True)
 if sys.argv[2] == "crash":
@@ -306,7 +306,7 @@ async def test_cli_runs_in_foreground_until_sigterm(tmp_path: Path):
     cli = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "stream.localkafka",
+        "stream.dev.localkafka",
         f"--port={port}",
         f"--sasl-port={sasl_port}",
         f"--data-dir={tmp_path}",

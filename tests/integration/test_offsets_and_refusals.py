@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from stream.generate import Record, WearableData, produce
+from stream.dev.generate import Record, WearableData, produce
 from stream.schema import Decoded, decode_record
 
 from .conftest import (

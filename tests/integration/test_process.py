@@ -15,8 +15,8 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from stream.generate import WearableData, produce
-from stream.localkafka import die_with_parent
+from stream.dev.generate import WearableData, produce
+from stream.dev.localkafka import die_with_parent
 
 from .conftest import (
     accepted_identities,

@@ -10,8 +10,8 @@ import subprocess
 import aiohttp
 import pytest
 
-from stream.generate import WearableData, produce
-from stream.localkafka import die_with_parent
+from stream.dev.generate import WearableData, produce
+from stream.dev.localkafka import die_with_parent
 
 from .conftest import all_done, eventually, make_settings, settings_env
 from .test_process import expected_identities, free_port, start_service, wait_exit

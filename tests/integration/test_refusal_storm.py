@@ -10,7 +10,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 
 from .conftest import (
     accepted_identities,

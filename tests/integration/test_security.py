@@ -8,7 +8,7 @@ import signal
 import aiohttp
 import pytest
 
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 
 from .conftest import (
     accepted_identities,

@@ -24,7 +24,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.generate import WearableData, produce
+from stream.dev.generate import WearableData, produce
 
 from .conftest import (
     Topics,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stream import localkafka
+from stream.dev import localkafka
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_STARTED = REPO / ".ci" / "stop-started"
@@ -164,7 +164,7 @@ def test_record_pid_appends_pid_and_start_time(tmp_path: Path, monkeypatch: pyte
 _FAKE_MAKE = """#!{python}
 # Stands in for `make lint test`: leaves a "broker" behind, recorded the way LocalKafka records its JVM.
 import subprocess, sys
-from stream.localkafka import record_pid
+from stream.dev.localkafka import record_pid
 assert sys.argv[1:] == ["lint", "test"], sys.argv
 left = subprocess.Popen(
     [sys.executable, "-c", "import time; time.sleep(120)", "kafka.Kafka", "started-by-this-run"],

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from stream.dev.sandbox import Faults, SandboxServer
 from stream.outcome import Accepted, Partial, Retry
-from stream.sandbox import Faults, SandboxServer
 from stream.sink import REDIRECT_LOG_EVERY, SamplesSink
 
 TOKEN = "contract-token"

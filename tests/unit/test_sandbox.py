@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from stream.sandbox import (
+from stream.dev.sandbox import (
     STATE_KEY,
     Faults,
     SandboxServer,
@@ -32,7 +32,7 @@ from stream.sandbox import (
     faults_from_args,
     main,
 )
-from stream.sandbox import _parser as sandbox_parser
+from stream.dev.sandbox import _parser as sandbox_parser
 
 TOKEN = "test-token"
 
@@ -1001,7 +1001,7 @@ def test_cli_rejects_invalid_fault_flags(capsys: pytest.CaptureFixture[str]) -> 
 def test_cli_serves_until_sigterm_and_never_logs_the_token() -> None:
     env = {**os.environ, "STREAM_SANDBOX_TOKEN": "secret-from-env"}
     args = ["--port", "0", "--fast", "--throttle-rate", "1", "--retry-after", "3", "--poison-user-id", "p"]
-    code = "import sys; from stream.sandbox import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from stream.dev.sandbox import main; sys.exit(main(sys.argv[1:]))"
     with subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=env) as proc:
         try:
             assert proc.stderr is not None

@@ -18,13 +18,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from stream import config, logs
-from stream.generate import INVALID_RECORDS, Record, WearableData, produce
-from stream.localkafka import LocalKafka
+from stream.dev.generate import INVALID_RECORDS, Record, WearableData, produce
+from stream.dev.localkafka import LocalKafka
+from stream.dev.sandbox import SandboxServer
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline
-from stream.sandbox import SandboxServer
 
-log = logging.getLogger("stream.demo")
+log = logging.getLogger("stream.dev.demo")
 
 DEMO_TOKEN = "demo-token"
 

@@ -45,7 +45,7 @@ _DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 
 _POM = """\
 <?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by stream.localkafka: only used to fetch the Kafka broker's jars. -->
+<!-- Written by stream.dev.localkafka: only used to fetch the Kafka broker's jars. -->
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>local.stream</groupId>
