@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
+import sys
+import threading
 import time
 from collections import Counter
+from typing import NamedTuple, TextIO
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -27,6 +31,8 @@ from stream.pipeline import Pipeline
 log = logging.getLogger("stream.dev.demo")
 
 DEMO_TOKEN = "demo-token"
+PROGRESS_EVERY_TERMINAL = 0.5  # seconds between two frames of the live line on a terminal
+PROGRESS_EVERY_PLAIN = 5.0  # seconds between two progress lines when stdout is not a terminal (a pipe, CI)
 
 
 def demo_parser() -> argparse.ArgumentParser:
@@ -87,15 +93,23 @@ async def _demo(bootstrap: str, args: argparse.Namespace) -> str:
         started = time.monotonic()
         task = asyncio.create_task(pipeline.run())
         print("running `stream run` until every record is done and committed ...", flush=True)
+        progress = Progress(metrics, len(records), valid_samples, started, sys.stdout)
+        progress.start()
         deadline = started + args.timeout
-        while not await _all_done(bootstrap, settings, metrics, len(records)):
-            if task.done():
-                task.result()  # surfaces the error that stopped the service
-            if time.monotonic() > deadline:
-                print(f"not done after {args.timeout:.0f} s: stopping and reporting what happened", flush=True)
-                break
-            await asyncio.sleep(0.25)
+        timed_out = False
+        try:
+            while not await _all_done(bootstrap, settings, metrics, len(records)):
+                if task.done():
+                    task.result()  # surfaces the error that stopped the service
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            await progress.stop()
         seconds = time.monotonic() - started
+        if timed_out:
+            print(f"not done after {args.timeout:.0f} s: stopping and reporting what happened", flush=True)
         pipeline.stop()
         await task
         stats = sandbox.state.stats()
@@ -157,6 +171,118 @@ def _samples(metrics: Metrics, name: str) -> Counter:
             if sample.name == name:
                 out[tuple(sorted(sample.labels.items()))] += sample.value
     return out
+
+
+class Figures(NamedTuple):
+    read: int  # records consumed
+    records: int  # records produced
+    accepted: int  # samples the API accepted
+    valid: int  # valid samples produced
+    batches: int  # batches sent
+    dead_letters: int  # records dead-lettered
+
+
+def _figures(metrics: Metrics, records: int, valid: int) -> Figures:
+    accepted = sum(v for labels, v in _samples(metrics, "stream_samples_total").items()
+                   if dict(labels).get("outcome") == "accepted")
+    return Figures(
+        read=int(sum(_samples(metrics, "stream_records_consumed_total").values())),
+        records=records,
+        accepted=int(accepted),
+        valid=valid,
+        batches=int(sum(_samples(metrics, "stream_batches_total").values())),
+        dead_letters=int(sum(_samples(metrics, "stream_dead_letters_total").values())),
+    )
+
+
+def progress_line(elapsed: float, figures: Figures, width: int | None = None) -> str:
+    """One line of progress; within `width` characters when given (a shorter wording, then cut)."""
+    f = figures
+    line = (f"{elapsed:5.1f} s  records read {f.read}/{f.records}  samples accepted {f.accepted}/{f.valid}  "
+            f"batches {f.batches}  dead letters {f.dead_letters}")
+    if width is None or len(line) <= width:
+        return line
+    short = (f"{elapsed:.0f} s: read {f.read}/{f.records}, accepted {f.accepted}/{f.valid}, batches {f.batches}, "
+             f"dead letters {f.dead_letters}")  # 79 characters for the default demo's figures
+    return short[:max(width, 0)]
+
+
+class LiveLine:
+    """One line on a terminal, rewritten in place; `clear` blanks it (before a log line or the report)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._shown = 0  # characters on the line now
+        self._lock = threading.Lock()  # a log line may come from another thread
+
+    def show(self, text: str) -> None:
+        with self._lock:
+            self._out.write("\r" + text.ljust(self._shown))
+            self._out.flush()
+            self._shown = len(text)
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._shown:
+                self._out.write("\r" + " " * self._shown + "\r")
+                self._out.flush()
+                self._shown = 0
+
+
+class _ClearBeforeLogging(logging.Filter):
+    """On the log handlers while the live line is shown: blank it first, so a log line starts at column 0 (the
+    next frame comes back on the line below)."""
+
+    def __init__(self, line: LiveLine) -> None:
+        super().__init__()
+        self._line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._line.clear()
+        return True
+
+
+class Progress:
+    """While the demo runs: on a terminal a live line (twice a second), else a plain line every 5 s."""
+
+    def __init__(self, metrics: Metrics, records: int, valid: int, started: float, out: TextIO) -> None:
+        self._figures = lambda: _figures(metrics, records, valid)
+        self._started = started
+        self._out = out
+        self._terminal = out.isatty()
+        self._line = LiveLine(out) if self._terminal else None
+        self._guard = _ClearBeforeLogging(self._line) if self._line else None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._guard:
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._guard)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        if self._line:
+            while True:
+                width = shutil.get_terminal_size().columns - 1  # a full line would wrap, and \r would not undo it
+                self._line.show(progress_line(time.monotonic() - self._started, self._figures(), width))
+                await asyncio.sleep(PROGRESS_EVERY_TERMINAL)
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_PLAIN)
+            print(progress_line(time.monotonic() - self._started, self._figures()), file=self._out, flush=True)
+
+    async def stop(self) -> None:
+        """Stop the updates and blank the live line: what prints next starts on a clean line."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._line:
+            self._line.clear()
+        if self._guard:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self._guard)
 
 
 def _report(records: list[Record], valid: int, metrics: Metrics, stats: dict, seconds: float) -> str:
