@@ -1,22 +1,22 @@
 """Fixtures for the deploy tests: the chart rendered by the real helm binary.
 
-Tests that render skip, with the reason, when helm is not installed; .ci/deploy-checks installs it.
-The test modules skip as a whole when PyYAML is missing (it comes with kubernetes-validate).
+Tests that render need helm ($HELM, on PATH, or where `go install` puts it): without it they skip with how to
+get it, or fail under CI (tests/tools.py). .ci/deploy-checks installs helm when Go is there.
+The test modules skip as a whole when PyYAML is missing (it comes with the package's test extras).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from tests.tools import require_tool
+
 
 @pytest.fixture(scope="session")
 def helm() -> str:
     from tests.deploy import chart
 
-    path = chart.helm_binary()
-    if path is None:
-        pytest.skip("helm is not installed: .ci/deploy-checks installs it (go install helm.sh/helm/v3/cmd/helm)")
-    return path
+    return require_tool("helm", locate=lambda _: chart.helm_binary())
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ read back through Prometheus's HTTP API."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 
@@ -12,6 +11,7 @@ import pytest
 
 from stream.dev.generate import WearableData, produce
 from stream.dev.localkafka import die_with_parent
+from tests.tools import require_tool
 
 from .conftest import all_done, eventually, make_settings, settings_env
 from .test_process import expected_identities, free_port, start_service, wait_exit
@@ -19,12 +19,16 @@ from .test_process import expected_identities, free_port, start_service, wait_ex
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    """The Prometheus server's path; without one the test skips (fails under CI), before any broker starts."""
+    return require_tool("prometheus")
+
+
 @pytest.fixture
-def prometheus(tmp_path):
+def prometheus(prometheus_binary, tmp_path):
     """A Prometheus server whose scrape target is filled in by the test (file-based service discovery)."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the `prometheus` server is not installed: run .ci/tools (Debian package `prometheus`)")
+    binary = prometheus_binary
     targets = tmp_path / "targets.json"
     targets.write_text("[]")
     config = tmp_path / "prometheus.yml"
@@ -61,6 +65,7 @@ async def query(base: str, promql: str) -> list[dict]:
     return body.get("data", {}).get("result", []) if body.get("status") == "success" else []
 
 
+@pytest.mark.usefixtures("prometheus_binary")  # set up first: a missing server skips before the broker starts
 async def test_prometheus_scrapes_the_running_service(kafka, topics, sandbox, prometheus):
     base, targets = prometheus
     records = WearableData(seed=51).mixed(users=100, per_user=(20, 60))
