@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from aiokafka.helpers import create_ssl_context
-
 from stream.config import Settings
+from stream.kafka_tls import ssl_context, uses_tls
 
 
 def kafka_client_options(settings: Settings) -> dict[str, object]:
@@ -14,12 +13,8 @@ def kafka_client_options(settings: Settings) -> dict[str, object]:
         "client_id": settings.kafka_client_id,
         "security_protocol": settings.kafka_security_protocol,
     }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(
-            cafile=settings.kafka_ssl_cafile or None,
-            certfile=settings.kafka_ssl_certfile or None,
-            keyfile=settings.kafka_ssl_keyfile or None,
-        )
+    if uses_tls(settings):
+        options["ssl_context"] = ssl_context(settings, watched=True)
     if settings.kafka_security_protocol.startswith("SASL"):
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username

@@ -28,6 +28,7 @@ from stream.deadletter import (
     dead_letter_headers,
 )
 from stream.delivery import Delivery, Exhausted, Final
+from stream.kafka_tls import tls_problem, wait_for_tls
 from stream.ledger_sync import KafkaLedgerStore, LedgerStore, LedgerSync
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
@@ -129,6 +130,9 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        tls = tls_problem(self.settings)  # first: it is why the rest below fails, and it names the setting to fix
+        if tls is not None:
+            return False, tls
         if not self._assigned:
             return False, "waiting for the consumer group to assign partitions"
         if not self.source.connected():
@@ -145,6 +149,11 @@ class Pipeline:
         self._stopping.set()
 
     async def run(self) -> None:
+        if not await wait_for_tls(self.settings, self._stopping):  # SSL/SASL_SSL: no client starts while TLS fails
+            # Stopped while waiting: nothing started; the clients built in __init__ are closed all the same (quietly).
+            await asyncio.gather(self.source.stop(), self.writer.stop(),
+                                 *([self.ledger.close()] if self.ledger is not None else []))
+            return
         await self.sink.start()
         await self.writer.start()
         if self.ledger is not None:

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,16 +28,27 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 
 DEFAULT_VERSION = "4.1.1"
 HOST = "127.0.0.1"
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 _SCRAM_FORBIDDEN = '",[]'
-_PROTOCOL = {"PLAINTEXT": "PLAINTEXT", "CONTROLLER": "PLAINTEXT", "SASL_PLAINTEXT": "SASL_PLAINTEXT"}
+# Listener name -> security protocol. MTLS is a second SSL listener, one that requires client certificates.
+_PROTOCOL = {
+    "PLAINTEXT": "PLAINTEXT",
+    "CONTROLLER": "PLAINTEXT",
+    "SASL_PLAINTEXT": "SASL_PLAINTEXT",
+    "SSL": "SSL",
+    "MTLS": "SSL",
+    "SASL_SSL": "SASL_SSL",
+}
 
 # Pinned so a resolve today and a resolve next year give the same classpath.
 _LOG4J_VERSION = "2.25.3"
@@ -104,6 +116,29 @@ rootLogger.appenderRef.out.ref = OUT
 
 class LocalKafkaError(RuntimeError):
     """The local broker could not be resolved, formatted or started."""
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """TLS material of a LocalKafka, as PEM files made by the caller (the tests make theirs with `cryptography`).
+
+    With it the broker gets TLS listeners besides PLAINTEXT: SSL (server authentication only), MTLS (SSL with
+    ``ssl.client.auth=client_auth``, required by default) and, with SCRAM users, SASL_SSL. Kafka reads the PEM
+    files directly (``ssl.keystore.type=PEM``, ``ssl.truststore.type=PEM``): no keytool, no JKS.
+    """
+
+    keystore: Path  # the broker's private key (PKCS#8, unencrypted) followed by its certificate chain
+    ca: Path  # the CA client certificates must chain to on MTLS; the start-up checks also verify the broker with it
+    client_keystore: Path | None = None  # a client key + certificate the start-up check presents on MTLS
+    client_auth: Literal["required", "requested"] = "required"  # of the MTLS listener
+
+    def __post_init__(self) -> None:
+        for name in ("keystore", "ca", "client_keystore"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise LocalKafkaError(f"BrokerTls.{name}: no such file: {path}")
+        if self.client_auth not in ("required", "requested"):
+            raise LocalKafkaError(f"BrokerTls.client_auth: required or requested, got {self.client_auth!r}")
 
 
 # When this variable names a file, every broker started here appends "<pid> <start time>" to it, so that a CI
@@ -281,7 +316,7 @@ def _run_async(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _serves_metadata(bootstrap: str, timeout: float = 8, **client_kwargs: str) -> bool:
+async def _serves_metadata(bootstrap: str, timeout: float = 8, **client_kwargs: object) -> bool:
     """True once the broker answers a metadata request that lists a broker.
 
     An open TCP port is not enough: the socket server binds before the broker has
@@ -299,14 +334,24 @@ async def _serves_metadata(bootstrap: str, timeout: float = 8, **client_kwargs: 
         await admin.close()
 
 
-def _scram_kwargs(name: str, password: str, mechanism: str = "SCRAM-SHA-256") -> dict[str, str]:
-    """aiokafka client arguments for a SCRAM login on the SASL_PLAINTEXT listener."""
+def _scram_kwargs(
+    name: str, password: str, mechanism: str = "SCRAM-SHA-256", protocol: str = "SASL_PLAINTEXT"
+) -> dict[str, str]:
+    """aiokafka client arguments for a SCRAM login on the SASL_PLAINTEXT (or SASL_SSL) listener."""
     return {
-        "security_protocol": "SASL_PLAINTEXT",
+        "security_protocol": protocol,
         "sasl_mechanism": mechanism,
         "sasl_plain_username": name,
         "sasl_plain_password": password,
     }
+
+
+def _tls_kwargs(tls: BrokerTls, protocol: str = "SSL", client_keystore: Path | None = None) -> dict[str, object]:
+    """aiokafka client arguments for the start-up checks on a TLS listener: the broker verified with ``tls.ca``."""
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=str(tls.ca), certfile=str(client_keystore) if client_keystore else None
+    )
+    return {"security_protocol": protocol, "ssl_context": context}
 
 
 def die_with_parent():
@@ -380,7 +425,10 @@ class LocalKafka:
 
     ``with LocalKafka() as kafka: ...`` starts it and stops it again; ``kafka.bootstrap``
     is the PLAINTEXT address. With ``scram_users`` a SASL_PLAINTEXT listener accepting
-    SCRAM-SHA-256/512 for those users is added at ``kafka.sasl_bootstrap``.
+    SCRAM-SHA-256/512 for those users is added at ``kafka.sasl_bootstrap``. With ``tls``
+    (a BrokerTls) an SSL listener is added at ``kafka.ssl_bootstrap``, one requiring client
+    certificates at ``kafka.mtls_bootstrap`` and, with ``scram_users`` too, a SASL_SSL one at
+    ``kafka.sasl_ssl_bootstrap``. The broker's own traffic (controller, replication) stays PLAINTEXT.
     """
 
     def __init__(
@@ -394,9 +442,17 @@ class LocalKafka:
         sasl_port: int = 0,
         controller_port: int = 0,
         version: str = DEFAULT_VERSION,
+        tls: BrokerTls | None = None,
+        ssl_port: int = 0,
+        mtls_port: int = 0,
+        sasl_ssl_port: int = 0,
     ) -> None:
         self.port = port
         self.sasl_port = sasl_port
+        self.tls = tls
+        self.ssl_port = ssl_port
+        self.mtls_port = mtls_port
+        self.sasl_ssl_port = sasl_ssl_port
         self.controller_port = controller_port
         self.heap = heap
         self.version = version
@@ -417,6 +473,28 @@ class LocalKafka:
         if not self.scram_users:
             raise LocalKafkaError("no SASL listener: LocalKafka was created without scram_users")
         return f"{HOST}:{self._require_port(self.sasl_port)}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The SSL listener: the broker's certificate, no client certificate asked."""
+        return f"{HOST}:{self._require_port(self._require_tls(self.ssl_port))}"
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        """The SSL listener with ``ssl.client.auth`` (required by default: mutual TLS)."""
+        return f"{HOST}:{self._require_port(self._require_tls(self.mtls_port))}"
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        """SASL (SCRAM-SHA-256/512) over TLS."""
+        if not self.scram_users:
+            raise LocalKafkaError("no SASL_SSL listener: LocalKafka was created without scram_users")
+        return f"{HOST}:{self._require_port(self._require_tls(self.sasl_ssl_port))}"
+
+    def _require_tls(self, port: int) -> int:
+        if self.tls is None:
+            raise LocalKafkaError("no TLS listener: LocalKafka was created without tls")
+        return port
 
     @property
     def data_dir(self) -> Path:
@@ -470,6 +548,7 @@ class LocalKafka:
         self._launch(libs, config)
         self._wait_until(lambda: self._serves(self.bootstrap), deadline, timeout)
         self._ensure_scram_users(libs, deadline, timeout)
+        self._wait_for_tls_listeners(deadline, timeout)
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM (a clean shutdown), SIGKILL after ``timeout``; remove a temporary data dir."""
@@ -508,15 +587,22 @@ class LocalKafka:
 
     def _choose_ports(self) -> None:
         # Chosen once and kept: restart() must come back on the same addresses.
-        sasl_port = self.sasl_port if self.scram_users else 0
-        for port in (self.port, self.controller_port, sasl_port):
-            if port:
-                _check_port_free(port)
-        free = iter(_free_ports(3))
-        self.port = self.port or next(free)
-        self.controller_port = self.controller_port or next(free)
-        if self.scram_users:
-            self.sasl_port = self.sasl_port or next(free)
+        tls = self.tls is not None
+        wanted = {
+            "port": True,
+            "controller_port": True,
+            "sasl_port": bool(self.scram_users),
+            "ssl_port": tls,
+            "mtls_port": tls,
+            "sasl_ssl_port": tls and bool(self.scram_users),
+        }
+        attrs = [attr for attr, used in wanted.items() if used]
+        for attr in attrs:
+            if getattr(self, attr):
+                _check_port_free(getattr(self, attr))
+        free = iter(_free_ports(len(attrs)))
+        for attr in attrs:
+            setattr(self, attr, getattr(self, attr) or next(free))
 
     def _write_config(self) -> Path:
         config_dir = self.data_dir / "config"
@@ -530,6 +616,11 @@ class LocalKafka:
         listeners = {"PLAINTEXT": self.port, "CONTROLLER": self.controller_port}
         if self.scram_users:
             listeners["SASL_PLAINTEXT"] = self.sasl_port
+        if self.tls is not None:
+            listeners["SSL"] = self.ssl_port
+            listeners["MTLS"] = self.mtls_port
+            if self.scram_users:
+                listeners["SASL_SSL"] = self.sasl_ssl_port
         advertised = {name: port for name, port in listeners.items() if name != "CONTROLLER"}
         props = {
             "process.roles": "broker,controller",
@@ -553,17 +644,35 @@ class LocalKafka:
             "broker.heartbeat.interval.ms": "1000",
         }
         if self.scram_users:
-            props.update(self._sasl_properties())
+            props.update(self._sasl_properties([n for n in listeners if _PROTOCOL[n].startswith("SASL")]))
+        if self.tls is not None:
+            props.update(self._tls_properties(self.tls, [n for n in listeners if _PROTOCOL[n].endswith("SSL")]))
         return props
 
     @staticmethod
-    def _sasl_properties() -> dict[str, str]:
+    def _sasl_properties(names: list[str]) -> dict[str, str]:
         props = {"sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS)}
         # A broker needs a JAAS login module per SASL listener and mechanism; SCRAM's
         # takes no options, the credentials themselves live in the metadata log.
-        for mechanism in SCRAM_MECHANISMS:
-            key = f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config"
-            props[key] = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        for name in names:
+            for mechanism in SCRAM_MECHANISMS:
+                key = f"listener.name.{name.lower()}.{mechanism.lower()}.sasl.jaas.config"
+                props[key] = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return props
+
+    @staticmethod
+    def _tls_properties(tls: BrokerTls, names: list[str]) -> dict[str, str]:
+        # Per listener (listener.name.<name>.ssl.*): each TLS listener gets the key store, and only MTLS asks
+        # for client certificates (for SASL_SSL Kafka honours ssl.client.auth only with a listener prefix).
+        props: dict[str, str] = {}
+        for name in names:
+            prefix = f"listener.name.{name.lower()}."
+            props[prefix + "ssl.keystore.type"] = "PEM"
+            props[prefix + "ssl.keystore.location"] = str(Path(tls.keystore).resolve())
+            props[prefix + "ssl.client.auth"] = tls.client_auth if name == "MTLS" else "none"
+            if name == "MTLS":
+                props[prefix + "ssl.truststore.type"] = "PEM"
+                props[prefix + "ssl.truststore.location"] = str(Path(tls.ca).resolve())
         return props
 
     def _is_formatted(self) -> bool:
@@ -614,7 +723,7 @@ class LocalKafka:
                 raise LocalKafkaError(f"Kafka broker not serving after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)  # poll interval, not synchronisation: the loop re-checks a condition
 
-    def _serves(self, bootstrap: str, **client_kwargs: str) -> bool:
+    def _serves(self, bootstrap: str, **client_kwargs: object) -> bool:
         # The cheap TCP check keeps aiokafka from logging connection errors while the JVM boots.
         port = int(bootstrap.rsplit(":", 1)[1])
         return _port_open(port) and _run_async(_serves_metadata(bootstrap, **client_kwargs))
@@ -633,6 +742,24 @@ class LocalKafka:
             self._alter_scram_users(libs, missing)
         for name in self.scram_users:
             self._wait_until(lambda name=name: self._logs_in(name), deadline, timeout)
+
+    def _wait_for_tls_listeners(self, deadline: float, timeout: float) -> None:
+        """Each TLS listener serves metadata to a client that verifies the broker's certificate with the CA.
+
+        MTLS is checked with ``tls.client_keystore`` when given; without one, only when it merely requests
+        client certificates (a required one would refuse the check itself).
+        """
+        tls = self.tls
+        if tls is None:
+            return
+        checks: list[tuple[str, dict[str, object]]] = [(self.ssl_bootstrap, _tls_kwargs(tls))]
+        if tls.client_keystore is not None or tls.client_auth == "requested":
+            checks.append((self.mtls_bootstrap, _tls_kwargs(tls, client_keystore=tls.client_keystore)))
+        for name, password in self.scram_users.items():
+            scram = _scram_kwargs(name, password, protocol="SASL_SSL")
+            checks.append((self.sasl_ssl_bootstrap, {**scram, **_tls_kwargs(tls, "SASL_SSL")}))
+        for bootstrap, kwargs in checks:
+            self._wait_until(lambda b=bootstrap, k=kwargs: self._serves(b, **k), deadline, timeout)
 
     def _alter_scram_users(self, libs: Path, names: list[str]) -> None:
         # One call per mechanism: Kafka 4.1 rejects both in one request ("A user
@@ -741,6 +868,10 @@ def _listening_line(kafka: LocalKafka) -> str:
     where = f"PLAINTEXT {kafka.bootstrap}"
     if kafka.scram_users:
         where += f", SASL_PLAINTEXT (SCRAM-SHA-256/512) {kafka.sasl_bootstrap}"
+    if kafka.tls is not None:
+        where += f", SSL {kafka.ssl_bootstrap}, SSL with client certificates {kafka.mtls_bootstrap}"
+        if kafka.scram_users:
+            where += f", SASL_SSL (SCRAM-SHA-256/512) {kafka.sasl_ssl_bootstrap}"
     return f"Kafka {kafka.version} listening on {where}; data {kafka.data_dir}, log {kafka.log_file}"
 
 

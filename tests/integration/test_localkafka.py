@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from stream.dev.localkafka import (
     PIDFILE_VARIABLE,
+    BrokerTls,
     LocalKafka,
     LocalKafkaError,
     _free_ports,
@@ -235,6 +236,18 @@ async def test_plaintext_listener_refuses_sasl_port_mixup(broker: LocalKafka):
 def test_bad_scram_user_is_refused_early():
     with pytest.raises(LocalKafkaError, match="SCRAM user"):
         LocalKafka(scram_users={"eve": "has,comma"})
+
+
+def test_tls_material_is_checked_early(tmp_path: Path):
+    # The TLS listeners themselves are proven in test_tls.py (SSL, mutual TLS, SASL_SSL, a wrong CA).
+    with pytest.raises(LocalKafkaError, match=r"BrokerTls\.keystore: no such file"):
+        BrokerTls(keystore=tmp_path / "missing.pem", ca=tmp_path / "missing-ca.pem")
+    (tmp_path / "broker.pem").write_text("x")
+    (tmp_path / "ca.pem").write_text("x")
+    with pytest.raises(LocalKafkaError, match="client_auth"):
+        BrokerTls(keystore=tmp_path / "broker.pem", ca=tmp_path / "ca.pem", client_auth="none")  # type: ignore[arg-type]
+    with pytest.raises(LocalKafkaError, match="no TLS listener"):
+        _ = LocalKafka(port=9092).ssl_bootstrap
 
 
 def test_taken_port_is_a_clear_error(broker: LocalKafka):
