@@ -176,6 +176,7 @@ async def _listen(health: HealthServer, port: int) -> None:
 async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _LateReady) -> None:
     from aiokafka.errors import KafkaConnectionError
 
+    from stream.kafka_tls import TlsFilesChanged
     from stream.ledger_store import LedgerTopicError
     from stream.pipeline import Pipeline
     from stream.token import TokenSource
@@ -191,6 +192,10 @@ async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _Lat
         # The ledger topic has fewer partitions than an input topic, or cannot be created: an operator's fix.
         await _close_quietly(pipeline)
         raise StartupError(f"{config.env_name('ledger_topic')}: {exc}", status=2) from None
+    except TlsFilesChanged as exc:
+        # The clients loaded the files at start: a Secret fixed in place takes a restart (status 1: try again).
+        await _close_quietly(pipeline)
+        raise StartupError(str(exc), status=1) from None
     except KafkaConnectionError:
         # Raised when no bootstrap server answers at start (once running, the clients reconnect by themselves).
         # Status 1, not 2: the address may be right and Kafka only down for now; a restart will try again.

@@ -15,7 +15,7 @@ which setting is wrong. Here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import logging
 import re
 import ssl
@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka.conn import collect_hosts
 from aiokafka.helpers import create_ssl_context
@@ -113,14 +114,18 @@ def tls_failure(exc: BaseException, settings: Settings, broker: str) -> TlsFailu
             (CERTFILE, KEYFILE), said,
         )
     if code in _NOT_TLS:
-        return TlsFailure(
-            f"TLS handshake with the Kafka broker {broker} failed ({said}): the address does not speak TLS; check "
-            f"{BOOTSTRAP} (a TLS listener's port) and {PROTOCOL}",
-            (BOOTSTRAP, PROTOCOL), said,
-        )
+        return _not_tls(broker, said)
     return TlsFailure(
         f"TLS with the Kafka broker {broker} failed ({said}): check {CAFILE}, {CERTFILE} / {KEYFILE} and {PROTOCOL}",
         (CAFILE, CERTFILE, KEYFILE, PROTOCOL), said,
+    )
+
+
+def _not_tls(broker: str, said: str) -> TlsFailure:
+    return TlsFailure(
+        f"TLS handshake with the Kafka broker {broker} failed ({said}): the address does not speak TLS; check "
+        f"{BOOTSTRAP} (a TLS listener's port) and {PROTOCOL}",
+        (BOOTSTRAP, PROTOCOL), said,
     )
 
 
@@ -250,6 +255,8 @@ def _watching(settings: Settings) -> type[ssl.SSLObject]:
             return data
 
         def _report(self, exc: ssl.SSLError) -> None:
+            if isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):  # routine: more bytes to come
+                return
             broker = self.server_hostname or "?"
             failure = tls_failure(exc, settings, broker)
             if failure is not None:
@@ -266,28 +273,30 @@ _API_VERSIONS_V0 = struct.pack(">hhih", 18, 0, 0x7374, 9) + b"tls-probe"
 _PROBE_REQUEST = struct.pack(">i", len(_API_VERSIONS_V0)) + _API_VERSIONS_V0
 
 
-async def probe_tls(settings: Settings, timeout: float = TLS_PROBE_TIMEOUT_SECONDS) -> TlsFailure | None:
-    """Connect to each bootstrap server with the service's TLS settings until one answers.
+async def probe_tls(
+    settings: Settings, context: ssl.SSLContext | None = None, timeout: float = TLS_PROBE_TIMEOUT_SECONDS
+) -> TlsFailure | None:
+    """Connect to each bootstrap server with the service's TLS settings (`context`: as the clients loaded them)
+    until one answers.
 
     None when one answered, or when none could be reached for another reason than TLS (refused, timed out):
-    the clients report that themselves. Else the failure of the last broker tried, recorded in the settings'
-    TlsStatus (logged, and /readyz says it).
+    the clients report that themselves. Else the last TLS failure met, recorded in the settings' TlsStatus
+    (logged, and /readyz says it).
     """
-    context = ssl_context(settings)  # not watched: failures are recorded here, once
+    context = context or ssl_context(settings)  # not watched: failures are recorded here, once
     status = tls_status(settings)
     failure = None
     for host, port, _family in collect_hosts(settings.kafka_bootstrap_servers, randomize=False):
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, ssl=context)
-                try:
-                    writer.write(_PROBE_REQUEST)
-                    await writer.drain()
-                    await reader.readexactly(4)
-                finally:
-                    writer.close()
+                await _ask_api_versions(host, port, context)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             found = tls_failure(exc, settings, host)
+            if found is None and _closed_on_us(exc) and await _answers_without_tls(host, port, timeout):
+                # A Kafka listener without TLS reads a TLS greeting as a huge request and hangs up: nothing in the
+                # error says TLS. The same address answering a plain request says it.
+                found = _not_tls(host, "the connection was closed during the TLS handshake; the address answers "
+                                       "Kafka requests without TLS")
             if found is not None:
                 failure = found
                 status.failed(host, found)
@@ -295,6 +304,47 @@ async def probe_tls(settings: Settings, timeout: float = TLS_PROBE_TIMEOUT_SECON
         status.succeeded(host)
         return None
     return failure
+
+
+async def _ask_api_versions(host: str, port: int, context: ssl.SSLContext | None) -> None:
+    reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    try:
+        writer.write(_PROBE_REQUEST)
+        await writer.drain()
+        await reader.readexactly(4)
+    finally:
+        writer.close()
+
+
+def _closed_on_us(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError | asyncio.IncompleteReadError)
+
+
+async def _answers_without_tls(host: str, port: int, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            await _ask_api_versions(host, port, None)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False
+    return True
+
+
+class TlsFilesChanged(Exception):
+    """The TLS files changed on disk while TLS with the brokers failed: the clients hold the old ones, so the
+    service must restart to load them (a Secret fixed in place: Kubernetes updates the mounted files)."""
+
+
+def tls_files_fingerprint(settings: Settings) -> bytes:
+    """A digest of the TLS files' contents (those set), to tell whether they changed since they were loaded."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile):
+        if path:
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError as exc:  # a file being swapped: counted as a change, judged again at the next try
+                digest.update(repr(exc).encode())
+        digest.update(b"\0")
+    return digest.digest()
 
 
 async def wait_for_tls(
@@ -307,27 +357,41 @@ async def wait_for_tls(
     """Before the Kafka clients start (SSL and SASL_SSL only): wait, trying again with backoff, while TLS with
     the brokers fails. False when `stopping` was set first. A wrong CA must not end in a restart loop saying
     "cannot reach Kafka": the service stays up, logs `kafka_tls_failed` naming the setting, and /readyz says it.
+
+    The probe uses the files as they are now, which is how the clients (built just before) loaded them. Should
+    they change while TLS fails (an operator fixing the Secret), TlsFilesChanged: only a restart loads them.
     """
     if not uses_tls(settings):
         return True
+    context = ssl_context(settings)
+    loaded = tls_files_fingerprint(settings)
     delay = first
     while not stopping.is_set():
-        probe = asyncio.ensure_future(probe_tls(settings))
+        probe = asyncio.ensure_future(probe_tls(settings, context))
         stop = asyncio.ensure_future(stopping.wait())
         try:
             await asyncio.wait((probe, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not probe.done():
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        finally:  # also when this wait itself is cancelled: no task left behind
+            for task in (probe, stop):
+                task.cancel()
+            await asyncio.gather(probe, stop, return_exceptions=True)
+        if probe.cancelled():  # the stop came first
             break
         if probe.result() is None:
             return True
+        if tls_files_fingerprint(settings) != loaded:
+            raise TlsFilesChanged(
+                f"the TLS files ({', '.join(_set_variables(settings))}) changed while TLS with the brokers failed: "
+                "exiting so that a restart loads them"
+            )
         try:
             await asyncio.wait_for(stopping.wait(), timeout=delay)
         except TimeoutError:
             pass
         delay = min(delay * 2, most)
     return False
+
+
+def _set_variables(settings: Settings) -> list[str]:
+    return [name for name, path in ((CAFILE, settings.kafka_ssl_cafile), (CERTFILE, settings.kafka_ssl_certfile),
+                                    (KEYFILE, settings.kafka_ssl_keyfile)) if path]

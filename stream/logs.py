@@ -150,9 +150,10 @@ class BenignEpisodes:
             return Verdict(INFO)
         episode.last = now
         lasting = now - episode.started
-        if lasting < self.grace:
-            return Verdict(DROP, lasting=lasting)
         limiter = episode.limits.setdefault(kind, RateLimited(self.every, self._clock))
+        if lasting < self.grace:
+            limiter.suppressed += 1  # left out too: the first line past the grace counts it
+            return Verdict(DROP, lasting=lasting)
         suppressed = limiter.take(now)
         return Verdict(DROP, lasting=lasting) if suppressed is None else Verdict(PASS, suppressed, lasting)
 
@@ -183,8 +184,12 @@ class BenignKafkaFilter(logging.Filter):
             return True
         verdict = self.episodes.judge(condition, str(record.msg))
         if verdict.action == INFO:
+            try:
+                detail = record.getMessage()
+            except Exception:  # arguments that do not fit the template: a filter must never raise into the client
+                detail = str(record.msg)
             self.out.info(BENIGN_MESSAGES[condition],
-                          extra={"event": condition, "detail": record.getMessage(),
+                          extra={"event": condition, "detail": detail,
                                  "grace_seconds": self.episodes.grace})
             return False
         if verdict.action == PASS:

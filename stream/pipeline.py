@@ -150,9 +150,7 @@ class Pipeline:
 
     async def run(self) -> None:
         if not await wait_for_tls(self.settings, self._stopping):  # SSL/SASL_SSL: no client starts while TLS fails
-            # Stopped while waiting: nothing started; the clients built in __init__ are closed all the same (quietly).
-            await asyncio.gather(self.source.stop(), self.writer.stop(),
-                                 *([self.ledger.close()] if self.ledger is not None else []))
+            await self._close()  # stopped while waiting: the clients built in __init__ never started
             return
         await self.sink.start()
         await self.writer.start()
@@ -173,11 +171,14 @@ class Pipeline:
                 self._fetch.cancel()
             for task in list(self._deliveries):
                 task.cancel()
-            # Each bounded (5 s), side by side: the whole stop stays within the drain timeout + ~10 s.
-            await asyncio.gather(self.source.stop(), self.writer.stop(),
-                                 *([self.ledger.close()] if self.ledger is not None else []))
-            await self.sink.close()
+            await self._close()
             log.info("stopped", extra={"event": "stopped"})
+
+    async def _close(self) -> None:
+        # Each bounded (5 s), side by side: the whole stop stays within the drain timeout + ~10 s.
+        await asyncio.gather(self.source.stop(), self.writer.stop(),
+                             *([self.ledger.close()] if self.ledger is not None else []))
+        await self.sink.close()
 
     async def _step(self, stop: asyncio.Future) -> None:
         """One iteration: fetch, ingest, hand out due work, commit when it is time."""

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple, TextIO
 
 from aiokafka import AIOKafkaConsumer
@@ -245,8 +246,10 @@ class _ClearBeforeLogging(logging.Filter):
 class Progress:
     """While the demo runs: on a terminal a live line (twice a second), else a plain line every 5 s."""
 
-    def __init__(self, metrics: Metrics, records: int, valid: int, started: float, out: TextIO) -> None:
+    def __init__(self, metrics: Metrics, records: int, valid: int, started: float, out: TextIO,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._figures = lambda: _figures(metrics, records, valid)
+        self._sleep = sleep
         self._started = started
         self._out = out
         self._terminal = out.isatty()
@@ -265,9 +268,9 @@ class Progress:
             while True:
                 width = shutil.get_terminal_size().columns - 1  # a full line would wrap, and \r would not undo it
                 self._line.show(progress_line(time.monotonic() - self._started, self._figures(), width))
-                await asyncio.sleep(PROGRESS_EVERY_TERMINAL)
+                await self._sleep(PROGRESS_EVERY_TERMINAL)
         while True:
-            await asyncio.sleep(PROGRESS_EVERY_PLAIN)
+            await self._sleep(PROGRESS_EVERY_PLAIN)
             print(progress_line(time.monotonic() - self._started, self._figures()), file=self._out, flush=True)
 
     async def stop(self) -> None:

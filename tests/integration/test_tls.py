@@ -199,3 +199,16 @@ async def test_a_kafka_clients_own_tls_failure_is_seen_too(broker, topics, pki):
     problem = tls_problem(settings)
     assert problem is not None and problem.startswith("TLS verification of the Kafka broker 127.0.0.1 failed")
     assert f"check STREAM_KAFKA_SSL_CAFILE ({pki.other_ca})" in problem
+
+
+async def test_ssl_pointed_at_the_plaintext_listener_names_the_address_and_the_protocol(broker, topics, pki):
+    # The most common TLS mistake: SSL against the plaintext port. Kafka hangs up on the TLS greeting without a
+    # word of TLS; the service must not say "cannot reach Kafka" (and restart in a loop) but name what to check.
+    from stream.kafka_tls import probe_tls
+
+    settings = make_settings(broker.bootstrap, topics, "http://127.0.0.1:1", kafka_security_protocol="SSL",
+                             kafka_ssl_cafile=str(pki.ca))
+    failure = await probe_tls(settings, timeout=10)
+    assert failure is not None
+    assert failure.variables == ("STREAM_KAFKA_BOOTSTRAP_SERVERS", "STREAM_KAFKA_SECURITY_PROTOCOL")
+    assert "does not speak TLS" in failure.reason

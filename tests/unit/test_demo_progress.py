@@ -66,18 +66,34 @@ class Terminal(io.StringIO):
         return True
 
 
+class Frames:
+    """Progress's sleep: lets `free` frames go by, then holds the loop until cancelled; `held` is set then."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.slept: list[float] = []
+        self.held = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        if len(self.slept) > self.free:
+            self.held.set()
+            await asyncio.Event().wait()  # until Progress.stop cancels the task
+
+
 async def test_on_a_terminal_a_log_line_blanks_the_live_line_first_and_the_line_is_gone_before_the_report(
         monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(demo, "PROGRESS_EVERY_TERMINAL", 0.01)
     monkeypatch.setenv("COLUMNS", "200")  # the terminal's width, as shutil reads it
     out = Terminal()
     handler = logging.StreamHandler(io.StringIO())
     root = logging.getLogger()
     root.addHandler(handler)
+    frames = Frames(free=0)
     try:
-        progress = Progress(Metrics(), records=20, valid=400, started=time.monotonic(), out=out)
+        progress = Progress(Metrics(), records=20, valid=400, started=time.monotonic(), out=out, sleep=frames)
         progress.start()
-        await asyncio.sleep(0.05)
+        await frames.held.wait()  # the first frame is on the line
+        assert frames.slept == [demo.PROGRESS_EVERY_TERMINAL]
         assert out.getvalue().startswith("\r")
         assert "records read 0/20" in out.getvalue()
         logging.getLogger("stream.test").error("a real error")
@@ -86,21 +102,21 @@ async def test_on_a_terminal_a_log_line_blanks_the_live_line_first_and_the_line_
         assert handler.filters == []  # no longer blanks anything
         written = out.getvalue()
         assert written.endswith("\r")  # whatever prints next (the report) starts on a blank line
-        await asyncio.sleep(0.03)
-        assert out.getvalue() == written  # and nothing more comes
+        assert progress._task is not None and progress._task.done()  # and nothing more can come
     finally:
         root.removeHandler(handler)
 
 
-async def test_elsewhere_a_plain_line_every_few_seconds(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(demo, "PROGRESS_EVERY_PLAIN", 0.02)
+async def test_elsewhere_a_plain_line_every_few_seconds():
     out = io.StringIO()
-    progress = Progress(Metrics(), records=20, valid=400, started=time.monotonic(), out=out)
+    frames = Frames(free=3)
+    progress = Progress(Metrics(), records=20, valid=400, started=time.monotonic(), out=out, sleep=frames)
     progress.start()
-    await asyncio.sleep(0.07)
+    await frames.held.wait()
     await progress.stop()
+    assert frames.slept == [demo.PROGRESS_EVERY_PLAIN] * 4  # a line after each of the first three waits
     lines = out.getvalue().splitlines(keepends=True)
-    assert 1 <= len(lines) <= 4
+    assert len(lines) == 3
     assert all(line.endswith("  records read 0/20  samples accepted 0/400  batches 0  dead letters 0\n")
                for line in lines)
     assert "\r" not in out.getvalue()

@@ -20,7 +20,9 @@ from stream import config, kafka_tls
 from stream.kafka_tls import (
     TLS_FAILURE_MEMORY_SECONDS,
     TlsFailure,
+    TlsFilesChanged,
     TlsStatus,
+    probe_tls,
     ssl_context,
     tls_failure,
     tls_problem,
@@ -252,7 +254,7 @@ async def test_wait_for_tls_retries_while_tls_fails_and_ends_at_a_stop(monkeypat
     answers = [TlsFailure("bad", (), "x"), TlsFailure("bad", (), "x"), None]
     tries: list[float] = []
 
-    async def probe(_settings):
+    async def probe(_settings, _context=None):
         tries.append(asyncio.get_running_loop().time())
         return answers.pop(0)
 
@@ -270,6 +272,67 @@ async def test_wait_for_tls_goes_on_when_the_brokers_cannot_be_reached_at_all():
     # A refused connection is not TLS's doing: the clients report it as they always did (exit 1 at start).
     s = settings(kafka_bootstrap_servers="127.0.0.1:1")
     assert await asyncio.wait_for(wait_for_tls(s, asyncio.Event()), 15) is True
+
+
+async def test_wait_for_tls_ends_the_start_when_the_tls_files_change_while_tls_fails(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch):
+    # The clients loaded the files at start: a CA fixed in place (a Secret edited) takes a restart to be used,
+    # and waiting on would end, once the probe passed with the new file, in the clients failing with the old one.
+    probes: list[int] = []
+
+    def fix_the_ca_in_place() -> None:  # the operator's fix lands on disk
+        Path(pki.ca).write_bytes(Path(pki.other_ca).read_bytes())
+
+    async def probe(_settings, _context=None):
+        probes.append(1)
+        if len(probes) == 2:
+            fix_the_ca_in_place()
+        return TlsFailure("bad", (), "x")
+
+    monkeypatch.setattr(kafka_tls, "probe_tls", probe)
+    with pytest.raises(TlsFilesChanged, match=r"STREAM_KAFKA_SSL_CAFILE\) changed while TLS with the brokers failed"):
+        await asyncio.wait_for(
+            wait_for_tls(settings(kafka_ssl_cafile=str(pki.ca)), asyncio.Event(), first=0.01, most=0.01), 10)
+    assert len(probes) == 2  # the change is seen right after the try that failed, not after another wait
+
+
+async def test_a_plaintext_listener_that_hangs_up_on_the_tls_greeting_is_named(pki: Pki):
+    # What a Kafka PLAINTEXT port does with a TLS ClientHello: reads it as a huge request and closes the
+    # connection. Nothing in that error says TLS; the same address answering a plain request does.
+    async def plaintext_kafka(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(5)
+        if first[:1] != b"\x16":  # not a TLS handshake record: answer like a broker (a size, then the rest)
+            writer.write(b"\x00\x00\x00\x04" + b"\x00" * 4)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plaintext_kafka, BROKER, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        s = settings(kafka_bootstrap_servers=f"{BROKER}:{port}", kafka_ssl_cafile=str(pki.ca))
+        failure = await probe_tls(s, timeout=5)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert failure is not None
+    assert failure.variables == ("STREAM_KAFKA_BOOTSTRAP_SERVERS", "STREAM_KAFKA_SECURITY_PROTOCOL")
+    assert "does not speak TLS" in failure.reason
+    assert tls_problem(s) == failure.reason
+
+
+async def test_a_listener_that_hangs_up_on_everything_is_not_called_a_tls_problem(pki: Pki):
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, BROKER, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        failure = await probe_tls(settings(kafka_bootstrap_servers=f"{BROKER}:{port}", kafka_ssl_cafile=str(pki.ca)),
+                                  timeout=5)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert failure is None  # not known to be TLS's doing: the clients report it as they always did
 
 
 # -- files that cannot be loaded: a configuration error at start (stream/cli.py), naming the variable ---------

@@ -115,8 +115,10 @@ def test_past_the_grace_period_the_lines_pass_once_per_period_and_kind_with_the_
     for t in range(1, 30):
         episodes.judge(COORDINATOR_WAITING, "a", now=t)
     first = episodes.judge(COORDINATOR_WAITING, "a", now=30)
-    assert first.action == PASS and first.suppressed == 0 and first.lasting == 30
-    assert episodes.judge(COORDINATOR_WAITING, "b", now=30.1).action == PASS  # another kind of line: its own limit
+    # The 29 lines left out in the grace period are counted (the episode's first became the info line).
+    assert first.action == PASS and first.suppressed == 29 and first.lasting == 30
+    second_kind = episodes.judge(COORDINATOR_WAITING, "b", now=30.1)  # another kind of line: its own limit
+    assert second_kind.action == PASS and second_kind.suppressed == 0
     for t in range(31, 90):
         assert episodes.judge(COORDINATOR_WAITING, "a", now=t).action == DROP
     again = episodes.judge(COORDINATOR_WAITING, "a", now=90)
