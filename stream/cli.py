@@ -30,6 +30,7 @@ COMMANDS = {
     "demo": "local Kafka + sandbox + generated wearable data + `stream run`, then a report",
     "generate": "write generated wearable events to a Kafka topic",
     "ledger": "show or forget what the sync ledger remembers of a user",
+    "redrive": "send dead letters back to their topic once the cause is fixed",
 }
 
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from stream import ledger_store
 
         return ledger_store.main(rest)
+    if command == "redrive":
+        from stream import redrive
+
+        return redrive.main(rest)
     print(f"stream: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -31,16 +31,28 @@ log = logging.getLogger("stream.deadletter")
 Headers = list[tuple[str, bytes]]
 
 
+# A dead letter's headers (README "Dead-letter topic"); `stream redrive` reads them.
+ERROR_REASON_HEADER = "stream.error.reason"
+ERROR_MESSAGE_HEADER = "stream.error.message"
+SOURCE_TOPIC_HEADER = "stream.source.topic"
+SOURCE_PARTITION_HEADER = "stream.source.partition"
+SOURCE_OFFSET_HEADER = "stream.source.offset"
+VALUE_DROPPED_HEADER = "stream.error.value_dropped"  # the value was too large for the DLQ: its size, value dropped
+
+
 def dead_letter_headers(reason: str, message: str, topic: str, partition: int, offset: int) -> Headers:
     return [
-        ("stream.error.reason", reason.encode()),
-        ("stream.error.message", message.encode("utf-8", errors="replace")[:4000]),
-        ("stream.source.topic", topic.encode()),
-        ("stream.source.partition", str(partition).encode()),
-        ("stream.source.offset", str(offset).encode()),
+        (ERROR_REASON_HEADER, reason.encode()),
+        (ERROR_MESSAGE_HEADER, message.encode("utf-8", errors="replace")[:4000]),
+        (SOURCE_TOPIC_HEADER, topic.encode()),
+        (SOURCE_PARTITION_HEADER, str(partition).encode()),
+        (SOURCE_OFFSET_HEADER, str(offset).encode()),
     ]
 
 
+# Written by `stream redrive` on the records it sends back (how many times the record has been redriven); the
+# service carries it to the record's dead letters and parked tails, so that the next redrive can count.
+REDRIVE_COUNT_HEADER = "stream.redrive.count"
 PARKED_BORN_HEADER = "stream.parked.born"  # when each parked sample was first seen: wall seconds, comma-separated
 PARKED_GROUP_HEADER = "stream.parked.group"  # the consumer group that parked it: only that group reads it back
 STOP_TIMEOUT_SECONDS = 5.0
@@ -193,7 +205,7 @@ class KafkaWriter:
             self._log("write_value_dropped", "record too large for its topic: writing it without its value",
                       write.topic, error, logging.ERROR)
             dropped = _Write(write.topic, write.key, b"",
-                             [*write.headers, ("stream.error.value_dropped", str(len(write.value)).encode())],
+                             [*write.headers, (VALUE_DROPPED_HEADER, str(len(write.value)).encode())],
                              write.done)
             self.pending_bytes += dropped.size - write.size
             self._queue.appendleft(dropped)

@@ -24,6 +24,7 @@ from stream.deadletter import (
     MAX_PENDING_BYTES,
     PARKED_BORN_HEADER,
     PARKED_GROUP_HEADER,
+    REDRIVE_COUNT_HEADER,
     KafkaWriter,
     dead_letter_headers,
 )
@@ -126,6 +127,9 @@ class Pipeline:
         self.metrics.pending_write_bytes.set_function(lambda: getattr(self.writer, "pending_bytes", 0))
         self._stopping = asyncio.Event()
         self._closed = False  # set once the loop has ended: no new work may start
+        # Records `stream redrive` sent back, (partition, offset) -> their redrive count: carried to their dead
+        # letters and parked tails (a poison record must not go round for ever). Dropped once committed or revoked.
+        self._redrive_counts: dict[tuple[TopicPartition, int], int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -274,6 +278,8 @@ class Pipeline:
         track, add = state.track, self.batcher.add_samples
         for record in records:
             offset = record.offset
+            if record.headers and (count := _redrive_count(record.headers)) is not None:
+                self._redrive_counts[state.tp, offset] = count
             births = None
             if parked:
                 births = _parked_births(record, group)
@@ -515,6 +521,10 @@ class Pipeline:
             (PARKED_BORN_HEADER, ",".join(repr(e.born) for e in small.entries).encode()),
             (PARKED_GROUP_HEADER, self.settings.kafka_group_id.encode()),
         ]
+        if self._redrive_counts:
+            counts = [self._redrive_counts.get((e.source.tp, e.offset), 0) for e in small.entries]
+            if max(counts):
+                headers.append((REDRIVE_COUNT_HEADER, str(max(counts)).encode()))
         # With the ledger, in the pending partition of the samples' own partition number (the ledger partition
         # that knows their device), when this member holds it; otherwise where the user id hashes to.
         partition = self.ledger.pending_partition(small.entries) if self.ledger is not None else None
@@ -548,6 +558,8 @@ class Pipeline:
         """Write one dead letter; its offset (and those of its copies, `also`) is done once Kafka has it."""
         tp = state.tp
         headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset)
+        if self._redrive_counts and (count := self._redrive_counts.get((tp, offset))) is not None:
+            headers.append((REDRIVE_COUNT_HEADER, str(count).encode()))
         written = self.writer.write(self.settings.dlq_topic, None, rejection.value, headers)
         self.metrics.dead_letters.labels(rejection.reason).inc()
         if data_type is not None:
@@ -578,6 +590,9 @@ class Pipeline:
             return
         if await self.source.commit(offsets, timeout):
             self.tracker.mark_committed(offsets)
+            if self._redrive_counts:
+                self._redrive_counts = {(tp, offset): count for (tp, offset), count in self._redrive_counts.items()
+                                        if offset >= offsets.get(tp, 0)}
             self.metrics.commits.labels("ok").inc()
             self.metrics.last_commit.set(self._wall())
             for tp, offset in offsets.items():
@@ -624,6 +639,9 @@ class Pipeline:
             self.metrics.revoke_seconds.observe(self._clock() - started)
         for tp in revoked:
             self.tracker.revoke(tp)
+        if self._redrive_counts:
+            gone = set(revoked)
+            self._redrive_counts = {key: count for key, count in self._redrive_counts.items() if key[0] not in gone}
         if self.ledger is not None:
             self.ledger.revoked(revoked)
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})
@@ -725,6 +743,17 @@ def _parked_births(record: ConsumerRecord, group: bytes) -> list[float] | None:
     if owner is not None and owner != group:
         return None
     return births
+
+
+def _redrive_count(headers) -> int | None:
+    """The redrive count of a record `stream redrive` sent back (its stream.redrive.count header), else None."""
+    for name, value in headers:
+        if name == REDRIVE_COUNT_HEADER:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _copies(twins: Twins) -> list[tuple[PartitionOffsets, int]]:
