@@ -40,13 +40,17 @@ SOURCE_OFFSET_HEADER = "stream.source.offset"
 VALUE_DROPPED_HEADER = "stream.error.value_dropped"  # the value was too large for the DLQ: its size, value dropped
 
 
-def dead_letter_headers(reason: str, message: str, topic: str, partition: int, offset: int) -> Headers:
+def dead_letter_headers(reason: str, message: str, topic: str, partition: int, offset: int,
+                        redrive_count: int = 0) -> Headers:
+    """The headers of a dead letter. stream.redrive.count is always written (0: never redriven), so that
+    `stream redrive` needs to read the source record only for dead letters of older versions."""
     return [
         (ERROR_REASON_HEADER, reason.encode()),
         (ERROR_MESSAGE_HEADER, message.encode("utf-8", errors="replace")[:4000]),
         (SOURCE_TOPIC_HEADER, topic.encode()),
         (SOURCE_PARTITION_HEADER, str(partition).encode()),
         (SOURCE_OFFSET_HEADER, str(offset).encode()),
+        (REDRIVE_COUNT_HEADER, str(redrive_count).encode()),
     ]
 
 

@@ -34,6 +34,7 @@ from stream.ledger_sync import KafkaLedgerStore, LedgerStore, LedgerSync
 from stream.metrics import Metrics, observe_many
 from stream.offsets import OffsetTracker, PartitionOffsets, TopicPartition
 from stream.outcome import Partial, Rejected
+from stream.redrive_counts import RedriveCounts
 from stream.refusals import RefusalGuard
 from stream.retry import Backoff
 from stream.schema import Rejection, as_single_event, batch_body, decode_record
@@ -129,7 +130,7 @@ class Pipeline:
         self._closed = False  # set once the loop has ended: no new work may start
         # Records `stream redrive` sent back, (partition, offset) -> their redrive count: carried to their dead
         # letters and parked tails (a poison record must not go round for ever). Dropped once committed or revoked.
-        self._redrive_counts: dict[tuple[TopicPartition, int], int] = {}
+        self._redrive_counts = RedriveCounts()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class Pipeline:
         for record in records:
             offset = record.offset
             if record.headers and (count := _redrive_count(record.headers)) is not None:
-                self._redrive_counts[state.tp, offset] = count
+                self._redrive_counts.add(state.tp, offset, count)
             births = None
             if parked:
                 births = _parked_births(record, group)
@@ -522,7 +523,7 @@ class Pipeline:
             (PARKED_GROUP_HEADER, self.settings.kafka_group_id.encode()),
         ]
         if self._redrive_counts:
-            counts = [self._redrive_counts.get((e.source.tp, e.offset), 0) for e in small.entries]
+            counts = [self._redrive_counts.get(e.source.tp, e.offset) or 0 for e in small.entries]
             if max(counts):
                 headers.append((REDRIVE_COUNT_HEADER, str(max(counts)).encode()))
         # With the ledger, in the pending partition of the samples' own partition number (the ledger partition
@@ -557,9 +558,8 @@ class Pipeline:
     ) -> None:
         """Write one dead letter; its offset (and those of its copies, `also`) is done once Kafka has it."""
         tp = state.tp
-        headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset)
-        if self._redrive_counts and (count := self._redrive_counts.get((tp, offset))) is not None:
-            headers.append((REDRIVE_COUNT_HEADER, str(count).encode()))
+        count = (self._redrive_counts.get(tp, offset) or 0) if self._redrive_counts else 0
+        headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset, count)
         written = self.writer.write(self.settings.dlq_topic, None, rejection.value, headers)
         self.metrics.dead_letters.labels(rejection.reason).inc()
         if data_type is not None:
@@ -591,8 +591,7 @@ class Pipeline:
         if await self.source.commit(offsets, timeout):
             self.tracker.mark_committed(offsets)
             if self._redrive_counts:
-                self._redrive_counts = {(tp, offset): count for (tp, offset), count in self._redrive_counts.items()
-                                        if offset >= offsets.get(tp, 0)}
+                self._redrive_counts.committed(offsets)
             self.metrics.commits.labels("ok").inc()
             self.metrics.last_commit.set(self._wall())
             for tp, offset in offsets.items():
@@ -640,8 +639,7 @@ class Pipeline:
         for tp in revoked:
             self.tracker.revoke(tp)
         if self._redrive_counts:
-            gone = set(revoked)
-            self._redrive_counts = {key: count for key, count in self._redrive_counts.items() if key[0] not in gone}
+            self._redrive_counts.revoked(revoked)
         if self.ledger is not None:
             self.ledger.revoked(revoked)
         log.info("partitions revoked", extra={"event": "revoked", "partitions": _names(revoked)})

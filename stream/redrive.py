@@ -12,8 +12,9 @@ A run stopped and started again neither skips nor repeats a record; only a crash
 commit (at most a second of writes) repeats writes, which the sync ledger keeps from reaching the API twice.
 
 How many times a record was redriven travels with it: the `stream.redrive.count` header of the redriven record,
-copied to its dead letter when the service dead-letters it again (a service that does not copy it: the count is
-read from the source record the dead letter points at, `SourceCounts`). A record already redriven
+copied to its dead letter when the service dead-letters it again (every dead letter carries it, 0 when never
+redriven; for a dead letter written by an older version without it, the count is read from the source record
+the dead letter points at, `SourceCounts`). A record already redriven
 `--max-redrives` times is left in the DLQ and reported: a poison record cannot loop.
 
 Here: the pure decisions (`parse_when`, `select`, `redrive_headers`, `routing_key`, `check_reasons`), the tally
@@ -348,9 +349,10 @@ class Outcome:
 class RedriveError(Exception):
     """The redrive cannot go on: one line for stderr, and the exit status."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
+    def __init__(self, message: str, status: int = 1, tally: Tally | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.tally = tally  # set once the run had begun: what it did before the error, for the report
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,8 @@ def report(tally: Tally, request: Request, seconds: float) -> str:
                    sum(tally.over_max.values()), tally.over_max_at)
     lines += _left("left in the DLQ, cannot be redriven", sum(tally.unreadable.values()), tally.unreadable_at)
     if tally.unknown_counts:
-        lines.append(f"  redrive count unknown (its source record is gone), counted as 0: {tally.unknown_counts}")
+        lines.append("  redrive count unknown (not in the dead letter, and its source record not found or not read "
+                     f"in time), counted as 0: {tally.unknown_counts}")
     if dry:
         if tally.shown:
             lines.append(f"  values that would be sent (health data; the first {len(tally.shown)}, cut at "
@@ -434,8 +437,8 @@ def redrive_parser() -> argparse.ArgumentParser:
         "to its source topic, keyed by its user_id, with stream.redrive.* headers. Kafka is reached with the "
         "same STREAM_* variables as `stream run`. Progress is kept per reason in consumer groups named "
         "{STREAM_DLQ_TOPIC}-redrive-{REASON}: a run stopped and started again neither skips nor repeats a record. "
-        "Exit status: 0 done, 1 a failure or stopped before the end (run again to go on), 2 a usage or "
-        "configuration error.",
+        "Exit status: 0 done (also: no DLQ topic yet, or --follow stopped by a signal), 1 a failure or stopped "
+        "before the end (run again to go on), 2 a usage or configuration error.",
     )
     parser.add_argument("--reason", action="append", default=None, metavar="REASON",
                         help=f"redrive dead letters of this reason (repeatable; default: {retryable}). "
@@ -473,7 +476,7 @@ def redrive_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-beginning", action="store_true",
                         help="ignore the progress of the selected reasons and read the DLQ from its beginning (or "
                         "--since): records redriven before are sent again (with the sync ledger on, the API "
-                        "still gets no sample twice)")
+                        "still gets no sample twice); the progress kept is never moved back")
     return parser
 
 
@@ -485,6 +488,9 @@ def build_request(args: argparse.Namespace, settings, now: datetime) -> Request:
         raise ValueError("\n".join(problems))
     since = parse_when(args.since, now) if args.since else None
     until = parse_when(args.until, now) if args.until else None
+    if since is not None and since > now:
+        raise ValueError(f"--since {args.since}: that is in the future (now is {now:%Y-%m-%dT%H:%M:%SZ}): "
+                         "no dead letter is that recent yet")
     if since is not None and until is not None and since > until:
         raise ValueError("--since is later than --until")
     if args.max_redrives < 1:
@@ -543,6 +549,8 @@ def main(argv: list[str], env: Mapping[str, str] | None = None) -> int:
     try:
         outcome = asyncio.run(_main(settings, request))
     except RedriveError as exc:
+        if exc.tally is not None:
+            print(report(exc.tally, request, time.monotonic() - started))
         print(f"{name}: {exc}", file=sys.stderr)
         return exc.status
     print(report(outcome.tally, request, time.monotonic() - started))

@@ -1,7 +1,7 @@
 """`stream redrive`, the Kafka side: read the DLQ up to where it ended at the start (or on and on), judge each dead
 letter (stream/redrive.py decides), write the chosen ones back, and commit progress per reason only once Kafka
 acknowledged every write below it. Also where a dead letter's redrive count is looked up in its source record
-when the dead letter does not carry it (`SourceCounts`), and the progress line.
+when the dead letter does not carry it (one written by an older version: `SourceCounts`), and the progress line.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import re
 import shutil
 import sys
 import time
@@ -89,7 +90,7 @@ class SourceCounts:
     The source partitions are read in ranges, each read once per run: what was read is remembered as offset
     ranges plus the few records that carry a count, so dead letters pointing at nearby offsets (an incident's)
     cost one sequential read, and a wanted offset far past what was read is sought. A record gone (retention, a
-    deleted topic) counts as unknown (None)."""
+    deleted topic) or not read in time counts as unknown (None)."""
 
     def __init__(self, options: dict, timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
         self._options = options
@@ -290,11 +291,11 @@ async def redrive(settings, request: Request, *, progress: TextIO | None = None,
     groups = {reason: progress_group(dlq, reason) for reason in reasons}
     try:
         topics = await _topic_partitions(options)
-        if dlq not in topics:
-            raise RedriveError(f"the DLQ topic {dlq!r} does not exist (STREAM_DLQ_TOPIC)")
+        if dlq not in topics:  # no dead letter yet: nothing to do, not a failure
+            return Outcome(0, tally, f"nothing to redrive: {dlq} does not exist yet")
         if criteria.to and criteria.to not in topics:
             raise RedriveError(f"--to {criteria.to}: no such topic", status=2)
-        committed = {} if request.from_beginning else await _committed(options, groups.values(), dlq)
+        committed = await _committed(options, groups.values(), dlq)
     except KafkaConnectionError:
         raise RedriveError(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}") from None
     except KafkaError as exc:
@@ -307,8 +308,10 @@ async def redrive(settings, request: Request, *, progress: TextIO | None = None,
     lookups = SourceCounts(options)
     reporter = _Progress(tally, progress or sys.stderr, request.dry_run)
     # cursor[reason][partition]: the next offset not yet judged by redrives of that reason
-    cursor = {r: dict(committed.get(groups[r], {})) for r in reasons}
-    saved = {r: dict(c) for r, c in cursor.items()}
+    # saved[reason][partition]: what the group holds; only a cursor past it is committed (--from-beginning reads
+    # again from below it, but never moves a reason's progress back)
+    saved = {r: dict(committed.get(groups[r], {})) for r in reasons}
+    cursor = {r: {} if request.from_beginning else dict(saved[r]) for r in reasons}
     try:
         await reader.start()
         firsts = await reader.beginning_offsets(tps)
@@ -347,7 +350,12 @@ async def redrive(settings, request: Request, *, progress: TextIO | None = None,
         next_commit = time.monotonic() + COMMIT_EVERY_SECONDS
         while active and not stop.is_set() and not run.limit_reached:
             batch = await reader.getmany(*active, timeout_ms=POLL_MS, max_records=request.chunk)
-            stopped = await run.process(batch, ends)
+            try:
+                stopped = await run.process(batch, ends)
+            except RedriveError:
+                if committers:  # what Kafka acknowledged is committed before the error ends the run
+                    await _commit(committers, cursor, saved, dlq)
+                raise
             for tp in stopped:
                 active.remove(tp)
                 reader.pause(tp)
@@ -368,10 +376,13 @@ async def redrive(settings, request: Request, *, progress: TextIO | None = None,
             return Outcome(0 if request.follow else 1, tally,
                            f"stopped{left}: run again to go on from there" if not request.follow else "")
         return Outcome(0, tally)
+    except RedriveError as exc:
+        exc.tally = tally  # what was done before, for the report
+        raise
     except KafkaConnectionError:
-        raise RedriveError(f"lost Kafka at {settings.kafka_bootstrap_servers}") from None
+        raise RedriveError(f"lost Kafka at {settings.kafka_bootstrap_servers}", tally=tally) from None
     except KafkaError as exc:
-        raise RedriveError(f"Kafka error: {type(exc).__name__}: {exc}") from None
+        raise RedriveError(f"Kafka error: {type(exc).__name__}: {exc}", tally=tally) from None
     finally:
         await reporter.stop()
         if committers:  # what was acknowledged is kept, whatever ended the run
@@ -385,20 +396,35 @@ async def redrive(settings, request: Request, *, progress: TextIO | None = None,
 
 async def _commit(committers: dict, cursor: dict[str, dict[int, int]], saved: dict[str, dict[int, int]],
                   dlq: str) -> None:
-    """Commit each reason's cursor where it moved."""
+    """Commit each reason's cursor where it is past what the group holds (never backwards)."""
     from aiokafka import TopicPartition
 
     for reason, committer in committers.items():
-        moved = {p: o for p, o in cursor[reason].items() if saved[reason].get(p) != o}
+        moved = {p: o for p, o in cursor[reason].items() if o > saved[reason].get(p, -1)}
         if not moved:
             continue
         try:
+            for p in moved:  # the group still holds what this run last read or committed: no other run moved it
+                held = await asyncio.wait_for(committer.committed(TopicPartition(dlq, p)), COMMIT_TIMEOUT_SECONDS)
+                if held is not None and held != saved[reason].get(p):
+                    raise _Concurrent(p, held)
             await asyncio.wait_for(committer.commit({TopicPartition(dlq, p): o for p, o in moved.items()}),
                                    COMMIT_TIMEOUT_SECONDS)
+        except _Concurrent as exc:
+            raise RedriveError(f"another redrive of {reason} is running: the progress of {reason} on {dlq} "
+                               f"partition {exc.partition} moved to {exc.held} meanwhile; stop one of them (records "
+                               "written by both are sent twice; the sync ledger keeps them from reaching the API "
+                               "twice)") from None
         except Exception as exc:  # a timeout, or a Kafka error
             raise RedriveError(f"cannot commit the progress of {reason} ({type(exc).__name__}): what was "
                                "written since the last commit will be written again by the next run") from None
         saved[reason].update(moved)
+
+
+class _Concurrent(Exception):
+    def __init__(self, partition: int, held: int) -> None:
+        super().__init__(partition, held)
+        self.partition, self.held = partition, held
 
 
 class _Run:
@@ -445,61 +471,95 @@ class _Run:
                 todo.append((tp, record, letter, verdict))
                 reached[tp] = record.offset + 1
         counts = await self._counts(todo)
-        sends = []
-        done: dict = {}  # tp -> position judged through, for the cursors
-        for tp, record, letter, verdict in todo:
-            if self.limit_reached:
-                break
-            tally.read += 1
-            done[tp] = record.offset + 1
+        decisions = [self._decide(tp, record, letter, verdict, counts) for tp, record, letter, verdict in todo]
+        # Every destination of the chunk is checked before anything of it is written.
+        planned = 0
+        for decision in decisions:
+            if decision is not None and decision.verdict is Verdict.SEND:
+                if self.request.limit is not None and tally.sent_total + planned >= self.request.limit:
+                    break
+                planned += 1
+                assert decision.destination is not None
+                await self._check_topic(decision.destination)
+        sends: list[tuple] = []  # (tp, offset, reason, destination, future)
+        unsent: dict = {}  # tp -> first offset not judged (limit) or not written (a send failed)
+        failure: BaseException | None = None
+        for index, (tp, record, letter, verdict) in enumerate(todo):
+            if self.limit_reached or failure is not None:
+                unsent.setdefault(tp, record.offset)
+                continue
+            decision = decisions[index]
             if verdict is Verdict.NOT_SELECTED:
+                tally.read += 1
                 tally.not_selected[letter.reason or "(none)"] += 1
                 continue
             if verdict is Verdict.FILTERED:
+                tally.read += 1
                 tally.filtered[letter.reason] += 1
                 continue
-            known = counts.get((letter.source_topic, letter.source_partition, letter.source_offset))
-            if letter.count is None and known is None:
+            assert decision is not None
+            if letter.count is None and counts.get((letter.source_topic, letter.source_partition,
+                                                    letter.source_offset)) is None:
                 tally.unknown_counts += 1
-            decision = select(letter, record.timestamp, record.value, criteria, known)
             where = f"{self.dlq}/{tp.partition}/{record.offset}"
             if decision.verdict is Verdict.OVER_MAX:
+                tally.read += 1
                 tally.over_max[decision.reason] += 1
                 if len(tally.over_max_at) < REPORT_POSITIONS:
                     tally.over_max_at.append(f"{where} {decision.reason}, redriven {decision.count} times")
                 continue
             if decision.verdict is Verdict.UNREADABLE:
+                tally.read += 1
                 tally.unreadable[decision.reason] += 1
                 if len(tally.unreadable_at) < REPORT_POSITIONS:
                     tally.unreadable_at.append(f"{where} {decision.reason}: {decision.why}")
                 continue
             assert decision.destination is not None
-            await self._check_topic(decision.destination)
             headers = redrive_headers(decision.count + 1, decision.reason, self.dlq, tp.partition, record.offset)
             if self.producer is None:
                 if len(tally.shown) < self.request.show:
                     tally.shown.append(_shown(where, decision, record.value))
+                tally.sent[decision.reason] += 1
+                tally.destinations[decision.destination] += 1
             else:
-                sends.append(await self.producer.send(decision.destination, value=record.value, key=decision.key,
-                                                      headers=headers))
-            tally.sent[decision.reason] += 1
-            tally.destinations[decision.destination] += 1
-            if self.request.limit is not None and tally.sent_total >= self.request.limit:
+                try:
+                    future = await self.producer.send(decision.destination, value=record.value, key=decision.key,
+                                                      headers=headers)
+                except Exception as exc:  # nothing of this record went out: it and all after it stay
+                    failure = exc
+                    unsent.setdefault(tp, record.offset)
+                    continue
+                sends.append((tp, record.offset, decision.reason, decision.destination, future))
+            tally.read += 1
+            if self.request.limit is not None and tally.sent_total + len(sends) >= self.request.limit:
                 self.limit_reached = True
-        if sends:
-            results = await asyncio.gather(*sends, return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                # Counted as sent above; those not acknowledged are not, and the cursor stays before them all.
-                raise RedriveError(f"writing redriven records failed ({type(failed[0]).__name__}: {failed[0]}); "
-                                   "progress is committed up to the last acknowledged round: run again")
-        if self.limit_reached:
-            reached = done
+        if sends:  # every write that went out is awaited, whatever failed: none is left for producer.stop()
+            results = await asyncio.gather(*(s[4] for s in sends), return_exceptions=True)
+            for (tp, offset, reason, destination, _), result in zip(sends, results, strict=True):
+                if isinstance(result, BaseException):
+                    failure = failure or result
+                    unsent[tp] = min(unsent.get(tp, offset), offset)
+                    tally.read -= 1
+                else:
+                    tally.sent[reason] += 1
+                    tally.destinations[destination] += 1
         for tp, position in reached.items():
+            if tp in unsent:
+                position = min(position, unsent[tp])
             for reason in reasons:
                 if self.cursor[reason].get(tp.partition, 0) < position:
                     self.cursor[reason][tp.partition] = position
+        if failure is not None:
+            raise RedriveError(f"writing redriven records failed ({type(failure).__name__}: {failure}); what Kafka "
+                               "acknowledged is committed, and the next run goes on from the first record not "
+                               "written") from None
         return stopped
+
+    def _decide(self, tp, record, letter, verdict, counts: dict) -> Decision | None:
+        if verdict is not None:
+            return None
+        known = counts.get((letter.source_topic, letter.source_partition, letter.source_offset))
+        return select(letter, record.timestamp, record.value, self.criteria, known)
 
     async def _counts(self, todo: list) -> dict:
         wanted = [(letter.source_topic, letter.source_partition, letter.source_offset)
@@ -516,13 +576,22 @@ class _Run:
         self.topics.update(await _topic_partitions(self.options))
         if topic not in self.topics:
             raise RedriveError(f"topic {topic!r}, where dead letters are to go back, does not exist: create it, or "
-                               "send them elsewhere with --to (what was written so far is committed)")
+                               "send them elsewhere with --to (nothing of this round was written; what was "
+                               "written before is committed)")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters (C0, DEL, C1) as \\xNN: a shown value cannot move the cursor or recolour a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _shown(where: str, decision: Decision, value: bytes) -> str:
     text = value[:SHOW_BYTES].decode("utf-8", errors="replace")
     more = f"... ({len(value)} bytes)" if len(value) > SHOW_BYTES else ""
     key = decision.key.decode("utf-8", errors="replace") if decision.key is not None else "(none)"
-    return f"{where} -> {decision.destination} key {key}: {text}{more}"
+    return _printable(f"{where} -> {decision.destination} key {key}: {text}{more}")
 
 

@@ -31,6 +31,7 @@ TOKEN = "integration-token"
 def kafka() -> Iterator[str]:
     existing = os.environ.get("STREAM_TEST_BOOTSTRAP")
     if existing:
+        asyncio.run(wait_for_group_coordinator(existing))  # a broker started just before may not serve groups yet
         yield existing
         return
     broker = LocalKafka(port=0)

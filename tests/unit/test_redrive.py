@@ -165,7 +165,23 @@ def test_the_dead_letter_headers_the_service_writes_are_read():
     from stream.deadletter import dead_letter_headers
 
     headers = dead_letter_headers("api_rejected", "device_refused", "samples", 1, 99)
-    assert read_letter(headers) == letter("api_rejected", source_partition=1, source_offset=99)
+    assert read_letter(headers) == letter("api_rejected", source_partition=1, source_offset=99, count=0)
+    assert read_letter(dead_letter_headers("api_rejected", "m", "samples", 1, 99, 2)).count == 2
+
+
+async def test_dead_letters_that_carry_their_count_need_no_lookup():
+    lookups = FakeLookups({1000: 5})
+    producer = FakeProducer()
+    run, tally, _ = make_run(producer=producer, lookups=lookups)
+    p0 = TP("samples.dlq", 0)
+    await run.process({p0: [dead(0, count=0), dead(1, count=0)]}, {p0: 9})
+    assert lookups.asked == [] and len(producer.sent) == 2 and tally.unknown_counts == 0
+
+
+def test_an_unknown_count_is_not_called_gone():
+    tally = Tally(unknown_counts=2)
+    text = rd.report(tally, Request(criteria()), 1.0)
+    assert "not found or not read in time" in text and "gone" not in text
 
 
 # --- selection ----------------------------------------------------------------------------------------------------
@@ -305,9 +321,9 @@ def dead(offset: int, reason: str = "api_rejected", count: int | None = None, at
          value: bytes = EVENT) -> Record:
     from stream.deadletter import dead_letter_headers
 
-    headers = dead_letter_headers(reason, "m", "samples", 0, 1000 + offset)
-    if count is not None:
-        headers.append((COUNT_HEADER, str(count).encode()))
+    headers = dead_letter_headers(reason, "m", "samples", 0, 1000 + offset, count or 0)
+    if count is None:  # written by an older version, without the count
+        headers = [h for h in headers if h[0] != COUNT_HEADER]
     return Record(offset, at, headers, value)
 
 
@@ -534,3 +550,170 @@ def test_the_stream_command_has_redrive(capsys):
     assert "redrive" in cli._usage()
     assert cli.main(["redrive", "--reason", "nope"]) == 2
     assert "stream redrive: unknown reason" in capsys.readouterr().err
+
+
+# --- a write that fails partway through a round ---------------------------------------------------------------
+
+
+class FailingProducer(FakeProducer):
+    """Fails the k-th record it is given (1-based): `send` raises (`how="send"`), or its ack fails (`"ack"`)."""
+
+    def __init__(self, k: int, how: str) -> None:
+        super().__init__()
+        self.k, self.how, self.given, self.pending = k, how, 0, []
+
+    async def send(self, topic, value=None, key=None, headers=None):
+        self.given += 1
+        if self.given == self.k and self.how == "send":
+            raise RuntimeError("buffer full")
+        done = asyncio.get_running_loop().create_future()
+        self.pending.append(done)
+        if self.given == self.k:
+            done.set_exception(RuntimeError("not acknowledged"))
+        else:
+            self.sent.append((topic, key, value, headers))
+            asyncio.get_running_loop().call_soon(done.set_result, None)  # acknowledged a bit later
+        return done
+
+
+def _from(sent) -> list[bytes]:
+    return [dict(h)[FROM_HEADER] for _, _, _, h in sent]
+
+
+@pytest.mark.parametrize("how", ["send", "ack"])
+async def test_a_failed_write_keeps_what_was_acknowledged_and_the_next_run_repeats_nothing(how):
+    p0, p1 = TP("samples.dlq", 0), TP("samples.dlq", 1)
+    batch = {p0: [dead(0), dead(1), dead(2)], p1: [dead(0), dead(1)]}
+    producer = FailingProducer(2, how)  # samples.dlq/0/1 fails
+    run, tally, cursor = make_run(producer=producer)
+    with pytest.raises(rd.RedriveError, match=r"failed.*acknowledged is committed"):
+        await run.process(batch, {p0: 9, p1: 9})
+    assert all(f.done() for f in producer.pending)  # nothing left in flight for producer.stop() to deliver
+    first = _from(producer.sent)
+    assert cursor["api_rejected"][0] == 1  # just before the failed record
+    if how == "send":  # nothing after the failure went out: partition 1 stays where it was
+        assert first == [b"samples.dlq/0/0"] and 1 not in cursor["api_rejected"]
+    else:  # the others went out and were acknowledged
+        assert cursor["api_rejected"][1] == 2
+    assert tally.sent_total == len(first)
+    again = FakeProducer()
+    run2, _, cursor2 = make_run(producer=again, cursor={r: dict(c) for r, c in cursor.items()})
+    await run2.process(batch, {p0: 9, p1: 9})
+    both = first + _from(again.sent)
+    assert set(both) == {f"samples.dlq/{p}/{o}".encode() for p, o in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]}
+    twice = sorted(x for x in set(both) if both.count(x) > 1)
+    # only a record acknowledged after the failed one of its own partition can go twice (a cursor is one offset)
+    assert twice == ([] if how == "send" else [b"samples.dlq/0/2"])
+    assert cursor2["api_rejected"] == {0: 3, 1: 2}
+
+
+async def test_a_missing_destination_in_the_middle_of_a_round_writes_nothing_of_it(monkeypatch):
+    async def topics(_options):
+        return {"samples": 4}
+
+    monkeypatch.setattr(redrive_kafka, "_topic_partitions", topics)
+    producer = FakeProducer()
+    run, _, cursor = make_run(producer=producer)
+    p0 = TP("samples.dlq", 0)
+    elsewhere = Record(1, T0, [(rd.ERROR_REASON, b"api_rejected"), (rd.SOURCE_TOPIC, b"gone-topic"),
+                               (rd.SOURCE_PARTITION, b"0"), (rd.SOURCE_OFFSET, b"5")], EVENT)
+    with pytest.raises(rd.RedriveError, match=r"'gone-topic'.*does not exist.*nothing of this round was written"):
+        await run.process({p0: [dead(0), elsewhere, dead(2)]}, {p0: 9})
+    assert producer.sent == [] and cursor["api_rejected"] == {}
+    run2, _, _ = make_run(producer=producer, cursor=cursor)
+    with pytest.raises(rd.RedriveError):
+        await run2.process({p0: [dead(0), elsewhere, dead(2)]}, {p0: 9})
+    assert producer.sent == []  # a run again fails at the same place without writing anything twice
+
+
+class FakeCommitter:
+    def __init__(self, held: dict[int, int] | None = None) -> None:
+        self.commits: list[dict] = []
+        self.held = dict(held or {})  # what the group holds
+
+    async def committed(self, tp):
+        return self.held.get(tp.partition)
+
+    async def commit(self, offsets):
+        self.commits.append({tp.partition: o for tp, o in offsets.items()})
+        self.held.update(self.commits[-1])
+
+
+async def test_progress_is_never_committed_backwards():
+    committer = FakeCommitter({0: 50, 1: 5})
+    saved = {"api_rejected": {0: 50, 1: 5}}  # what the group holds
+    cursor = {"api_rejected": {0: 10, 1: 7, 2: 3}}  # a --from-beginning run after a few records
+    await redrive_kafka._commit({"api_rejected": committer}, cursor, saved, "samples.dlq")
+    assert committer.commits == [{1: 7, 2: 3}]
+    assert saved == {"api_rejected": {0: 50, 1: 7, 2: 3}}
+    await redrive_kafka._commit({"api_rejected": committer}, cursor, saved, "samples.dlq")
+    assert len(committer.commits) == 1
+
+
+# --- the command line: a --since in the future, the report on an error, a DLQ not there yet -----------------------
+
+
+def test_a_since_in_the_future_is_a_usage_error(capsys):
+    with pytest.raises(ValueError, match="in the future"):
+        request_of("--since", "2026-11-29T13:00:00Z")
+    assert request_of("--since", "2026-11-29T12:00:00Z").criteria.since_ms == T0
+    assert rd.main(["--since", "2999-01-01"], env={}) == 2
+    assert "in the future" in capsys.readouterr().err
+
+
+def _fake_redrive(monkeypatch, behaviour):
+    monkeypatch.setattr("stream.logs.configure", lambda level: None)
+
+    async def fake(settings, request, *, progress=None, stop=None):
+        return behaviour()
+
+    monkeypatch.setattr(redrive_kafka, "redrive", fake)
+
+
+def test_the_report_is_printed_before_the_error_that_ends_a_run(capsys, monkeypatch):
+    def fails():
+        tally = Tally(read=3)
+        tally.sent["api_rejected"] = 2
+        raise rd.RedriveError("writing redriven records failed (boom)", tally=tally)
+
+    _fake_redrive(monkeypatch, fails)
+    assert rd.main([], env={}) == 1
+    out = capsys.readouterr()
+    assert "read 3 records" in out.out and "writing redriven records failed" in out.err
+    assert next(line for line in out.out.splitlines() if line.startswith("  total")).split()[1] == "2"
+
+
+def test_a_dlq_that_does_not_exist_yet_is_nothing_to_redrive(capsys, monkeypatch):
+    monkeypatch.setattr("stream.logs.configure", lambda level: None)
+
+    async def topics(_options):
+        return {"samples": 4}
+
+    monkeypatch.setattr(redrive_kafka, "_topic_partitions", topics)
+    assert rd.main([], env={"STREAM_DLQ_TOPIC": "samples.dlq"}) == 0
+    assert "nothing to redrive: samples.dlq does not exist yet" in capsys.readouterr().err
+
+
+def test_a_follow_stopped_by_a_signal_exits_0(capsys, monkeypatch):
+    _fake_redrive(monkeypatch, lambda: rd.Outcome(0, Tally()))  # what redrive() returns for a stopped --follow
+    assert rd.main(["--follow"], env={}) == 0
+
+
+def test_shown_values_cannot_drive_the_terminal():
+    decision = rd.Decision(Verdict.SEND, "api_rejected", 0, "samples", b"u\x1b[2J")
+    text = redrive_kafka._shown("samples.dlq/0/1", decision, b'{"a":"\x1b]0;x\x07\x7f\xc2\x9b\n\xc3\xa9"}')
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in text)
+    assert "\\x1b[2J" in text and "\\x07" in text and "\\x7f" in text and "\\x9b" in text and "\\x0a" in text
+    assert "é" in text
+
+
+async def test_another_redrive_of_the_same_reason_stops_this_one():
+    committer = FakeCommitter({0: 5})
+    saved = {"api_rejected": {0: 5}}
+    cursor = {"api_rejected": {0: 8}}
+    await redrive_kafka._commit({"api_rejected": committer}, cursor, saved, "samples.dlq")
+    committer.held[0] = 20  # another run committed
+    cursor["api_rejected"][0] = 12
+    with pytest.raises(rd.RedriveError, match="another redrive of api_rejected is running"):
+        await redrive_kafka._commit({"api_rejected": committer}, cursor, saved, "samples.dlq")
+    assert committer.commits == [{0: 8}] and committer.held[0] == 20

@@ -75,7 +75,7 @@ async def test_a_redriven_record_refused_again_keeps_its_count_in_its_dead_lette
     state = p.tracker.assign(TP)
     p._ingest(state, [record(0, b"{not json", count=2), record(1, b"[1]")], 100.0, 1e9)
     assert [(w[2]["stream.error.reason"], w[2].get(REDRIVE_COUNT_HEADER)) for w in writer.writes] == [
-        (b"malformed_json", b"2"), (b"not_an_object", None)]
+        (b"malformed_json", b"2"), (b"not_an_object", b"0")]
 
 
 async def test_samples_the_api_refuses_again_keep_their_records_counts():
@@ -84,7 +84,7 @@ async def test_samples_the_api_refuses_again_keep_their_records_counts():
     p._ingest(state, [record(0, event(0), count=1), record(1, event(1)), record(2, event(2), count=3)], 100.0, 1e9)
     (batch,) = p.batcher.poll(200.0, 1e9, 10).batches
     p._settle(batch, Rejected("bad"))
-    assert [w[2].get(REDRIVE_COUNT_HEADER) for w in writer.writes] == [b"1", None, b"3"]
+    assert [w[2].get(REDRIVE_COUNT_HEADER) for w in writer.writes] == [b"1", b"0", b"3"]
 
 
 async def test_a_parked_tail_carries_the_highest_count_and_its_dead_letter_gets_it_back():
@@ -114,15 +114,15 @@ async def test_counts_are_forgotten_once_committed_or_revoked():
     assert len(p._redrive_counts) == 2
     await p._commit()
     assert p.source.commits == [{TP: 1}]
-    assert list(p._redrive_counts) == [(TP, 1)]
+    assert p._redrive_counts.items() == [(TP, 1, 1)]
     # A revoked partition's counts go with it (its next owner reads the records again).
     other, _ = pipeline()
     pending = other.tracker.assign(PENDING)
     foreign = record(0, event(0), count=1, headers=[("stream.parked.group", b"another-group")])
     other._ingest(pending, [foreign], 100.0, 1e9)
-    assert list(other._redrive_counts) == [(PENDING, 0)]
+    assert other._redrive_counts.items() == [(PENDING, 0, 1)]
     await other._on_revoked([PENDING])
-    assert other._redrive_counts == {}
+    assert len(other._redrive_counts) == 0 and other._redrive_counts.items() == []
 
 
 def test_a_record_without_the_header_costs_nothing_and_a_bad_header_is_ignored():
