@@ -7,7 +7,18 @@ import logging
 from collections.abc import Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from stream import __version__
 
@@ -19,6 +30,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # The process's own series (resident memory, CPU seconds, open files, start time; the interpreter and its
+        # garbage collector): memory is the documented sizing limit, and CPU what a replica is sized by.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.build = Info("stream_build", "Version of the running service", registry=r)
         self.build.info({"version": __version__})
         self.records = Counter("stream_records_consumed_total", "Kafka records consumed", ["topic"], registry=r)

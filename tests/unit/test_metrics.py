@@ -41,3 +41,14 @@ def test_no_metric_has_a_user_label():
     for family in metrics.registry.collect():
         for sample in family.samples:
             assert "user_id" not in sample.labels
+
+
+def test_the_process_series_memory_and_cpu_are_exported():
+    # Memory per buffered sample is the documented sizing limit and CPU what a replica is sized by: without the
+    # process collectors, the service's own registry has neither (the alerts and the dashboard read them).
+    from prometheus_client import generate_latest
+
+    text = generate_latest(Metrics().registry).decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds",
+                 "process_open_fds", "python_info", "python_gc_collections_total"):
+        assert f"\n{name}" in text, name
