@@ -3,12 +3,14 @@
 Also a command line for .ci/deploy-checks:
   python -m tests.deploy.chart split RENDERED BUILTIN_OUT CRD_OUT   built-in kinds and CRDs into two files
   python -m tests.deploy.chart rules RENDERED OUT                   the PrometheusRule's spec as a rules file
+  python -m tests.deploy.chart kube-versions                        the Kubernetes versions to validate
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +21,35 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "stream"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-# The newest version the chart claims (Chart.yaml kubeVersion >=1.29); a `go install`ed helm would
+
+
+def claimed_kube_minors() -> list[tuple[int, int]]:
+    """The Kubernetes minors Chart.yaml's kubeVersion claims: ">=1.A.0-0 <1.B.0-0" -> 1.A .. 1.(B-1)."""
+    text = (CHART / "Chart.yaml").read_text()
+    match = re.search(r'^kubeVersion: *"?>= *1\.(\d+)\.0(?:-0)? +< *1\.(\d+)\.0(?:-0)?"?\s*$', text, re.MULTILINE)
+    if not match:
+        raise ValueError('Chart.yaml kubeVersion must read ">=1.A.0-0 <1.B.0-0": a range .ci/deploy-checks validates')
+    low, high = int(match[1]), int(match[2])
+    return [(1, minor) for minor in range(low, high)]
+
+
+def kube_versions() -> list[str]:
+    """The versions .ci/deploy-checks validates: every minor the chart claims. Each must be one that
+    kubernetes-validate has schemas for, or the claim would be more than is validated."""
+    from kubernetes_validate.utils import all_versions
+
+    known = {tuple(int(x) for x in v.split(".")[:2]) for v in all_versions()}
+    claimed = claimed_kube_minors()
+    unknown = [f"{a}.{b}" for a, b in claimed if (a, b) not in known]
+    if unknown:
+        raise ValueError(f"Chart.yaml kubeVersion claims {', '.join(unknown)}, which the installed "
+                         "kubernetes-validate has no schemas for: lower the upper bound or upgrade it")
+    return [f"{a}.{b}.0" for a, b in claimed]
+
+
+# The newest version the chart claims (Chart.yaml kubeVersion); a `go install`ed helm would
 # otherwise render for its built-in default, v1.20, and refuse the chart.
-KUBE_VERSION = "1.33.0"
+KUBE_VERSION = "{}.{}.0".format(*claimed_kube_minors()[-1])
 
 # Kinds kubernetes-validate has schemas for (validated strictly), and the custom resources it has none
 # for (checked against tests/deploy/crds.py instead). Any other kind is an error: a new kind must be
@@ -139,6 +167,13 @@ def split(docs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _main(argv: list[str]) -> int:
     command, *paths = argv
+    if command == "kube-versions":
+        try:
+            print(" ".join(kube_versions()))
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 1
+        return 0
     docs = documents(Path(paths[0]).read_text())
     if command == "split":
         builtin, crds = split(docs)

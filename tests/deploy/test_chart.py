@@ -156,21 +156,69 @@ def test_render_fails_when_replicas_exceed_known_partitions(render, render_error
     render([DEFAULT], {"replicaCount": 3, "kafka": {"topicPartitions": 3}})
 
 
-def test_grace_period_is_above_the_drain_timeout(ci_renders, render, render_error):
+def test_grace_period_covers_the_drain_the_final_commit_and_a_margin(ci_renders, render, render_error):
+    # The whole stop: the drain, then the final commit (bounded by stream.config.COMMIT_TIMEOUT_SECONDS),
+    # then leaving the group and flushing the producer (5 s each, side by side): drain + 10 + 5 at least.
+    minimum_over_drain = int(config.COMMIT_TIMEOUT_SECONDS) + 5
     for docs in ci_renders.values():
         drain = float(environment(docs)["STREAM_DRAIN_TIMEOUT_SECONDS"])
-        assert pod_spec(docs)["terminationGracePeriodSeconds"] > drain
-    assert pod_spec(render([DEFAULT]))["terminationGracePeriodSeconds"] == 45  # 30 s drain + 15
+        assert pod_spec(docs)["terminationGracePeriodSeconds"] >= drain + minimum_over_drain
+    assert pod_spec(render([DEFAULT]))["terminationGracePeriodSeconds"] == 45  # 30 s drain + 10 + 5
     assert pod_spec(render([DEFAULT], {"config": {"drainTimeoutSeconds": 100.5}}))[
         "terminationGracePeriodSeconds"] == 116
-    error = render_error([DEFAULT], {"terminationGracePeriodSeconds": 30})
-    assert "terminationGracePeriodSeconds (30) must be above config.drainTimeoutSeconds (30)" in error.stderr
+    assert pod_spec(render([DEFAULT], {"terminationGracePeriodSeconds": 45}))["terminationGracePeriodSeconds"] == 45
+    # Passed the old check (above the drain): far too short for the final commit.
+    for grace in (31, 44):
+        error = render_error([DEFAULT], {"terminationGracePeriodSeconds": grace})
+        assert (f"terminationGracePeriodSeconds ({grace}) is below its minimum 45 = config.drainTimeoutSeconds (30)"
+                " + the final commit's timeout (10 s) + a margin (5 s)") in error.stderr
+    error = render_error([DEFAULT], {"terminationGracePeriodSeconds": 70, "config": {"drainTimeoutSeconds": 60}})
+    assert "terminationGracePeriodSeconds (70) is below its minimum 75" in error.stderr
+
+
+def test_api_timeout_fits_in_the_drain(render, render_error):
+    # A request in flight at SIGTERM must be able to finish (or time out) before the drain gives up.
+    render([DEFAULT], {"api": {"timeoutSeconds": 30}, "config": {"drainTimeoutSeconds": 30}})
+    render([DEFAULT], {"api": {"timeoutSeconds": 50}, "config": {"drainTimeoutSeconds": 60}})
+    error = render_error([DEFAULT], {"api": {"timeoutSeconds": 31}})
+    assert "api.timeoutSeconds (31) exceeds config.drainTimeoutSeconds (30)" in error.stderr
+    error = render_error([DEFAULT], {"api": {"timeoutSeconds": 30}, "config": {"drainTimeoutSeconds": 20}})
+    assert "api.timeoutSeconds (30) exceeds config.drainTimeoutSeconds (20)" in error.stderr
 
 
 def test_pdb_lets_unready_pods_be_evicted(render):
     pdb = one(render([DEFAULT]), "PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == 1
     assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize(
+    "rolling",
+    [{"maxSurge": 0, "maxUnavailable": 0}, {"maxUnavailable": "0%"}, {"maxSurge": "0%", "maxUnavailable": "0"}],
+)
+def test_a_rollout_that_can_never_progress_fails_the_render(render_error, rolling):
+    error = render_error([DEFAULT], {"strategy": {"rollingUpdate": rolling}})
+    assert "are both 0: a rollout could neither add a pod nor take one down" in error.stderr
+
+
+def test_rollout_strategies_that_progress(render):
+    strategy = one(render([DEFAULT]), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    for rolling in ({"maxSurge": 1, "maxUnavailable": 0}, {"maxUnavailable": "10%"}):
+        render([DEFAULT], {"strategy": {"rollingUpdate": rolling}})
+    recreate = one(render([DEFAULT], {"strategy": {"type": "Recreate", "rollingUpdate": None}}), "Deployment")
+    assert recreate["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("max_unavailable", [0, "0%", "00%", "0", "1"])
+def test_a_pdb_that_blocks_every_eviction_is_refused(render_error, max_unavailable):
+    error = render_error([DEFAULT], {"podDisruptionBudget": {"maxUnavailable": max_unavailable}})
+    assert "values don't meet the specifications of the schema" in error.stderr
+
+
+def test_pdb_percentages(render):
+    pdb = one(render([DEFAULT], {"podDisruptionBudget": {"maxUnavailable": "10%"}}), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "10%"
 
 
 def test_pods_spread_over_zones_and_nodes(render):
@@ -364,6 +412,28 @@ def test_network_policy(ci_renders, render):
     assert ingress["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     egress_ports = [{p["port"] for p in rule["ports"]} for rule in policy["egress"]]
     assert egress_ports == [{53}, {9093}, {443}]
+
+
+CLUSTER_DNS = [{
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}]
+
+
+def test_dns_egress_only_to_the_cluster_dns(ci_renders, render):
+    [dns] = [rule for rule in one(ci_renders["networkpolicy-existingsecret-values"], "NetworkPolicy")["spec"]["egress"]
+             if {p["port"] for p in rule["ports"]} == {53}]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    # One peer with both selectors: pods labelled k8s-app=kube-dns *in* kube-system, not either of them.
+    assert dns["to"] == CLUSTER_DNS
+    # Configurable: another DNS (NodeLocal DNSCache), or [] for any destination on port 53; or none at all.
+    local = [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    for to in (local, []):
+        docs = render([DEFAULT], {"networkPolicy": {"enabled": True, "egress": {"dnsTo": to}}})
+        [rule] = [r for r in one(docs, "NetworkPolicy")["spec"]["egress"] if r["ports"][0]["port"] == 53]
+        assert rule.get("to", []) == to
+    docs = render([DEFAULT], {"networkPolicy": {"enabled": True, "egress": {"dns": False}}})
+    assert all(r["ports"][0]["port"] != 53 for r in one(docs, "NetworkPolicy")["spec"]["egress"])
 
 
 def test_image_by_digest_or_tag(ci_renders, render):

@@ -26,7 +26,7 @@ COMING_METRICS: set[str] = set()
 
 def exposed_metric_names() -> set[str]:
     """Every series name the service exposes, with the suffixes Prometheus adds."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",),
+    suffixes = {"counter": ("_total",), "histogram": ("", "_bucket", "_sum", "_count"), "info": ("_info",),
                 "gauge": ("",)}
     names = set()
     # A family with labels has no samples until it is used: derive the names from its type.
@@ -56,9 +56,17 @@ def test_deploy_rules_are_the_charts_rules():
     assert DEPLOY_RULES.resolve() == RULES.resolve()
 
 
+def scoped(text: str, name: str = "stream", namespace: str = "prod", release: str = "stream",
+           fullname: str = "stream") -> str:
+    """files/alerts.yaml as the chart renders it for a release (templates/prometheusrule.yaml)."""
+    return (text.replace('job="stream"', f'job="{name}",namespace="{namespace}",release="{release}"')
+            .replace('pod=~"stream-[a-z0-9]+-[a-z0-9]+"',
+                     f'namespace="{namespace}",pod=~"{fullname}-[a-z0-9]+-[a-z0-9]+"'))
+
+
 def test_prometheus_rule_carries_the_rules_file(render):
     rule = one(render([KEDA]), "PrometheusRule")
-    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    assert rule["spec"] == yaml.safe_load(scoped(RULES.read_text()))
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
@@ -67,6 +75,58 @@ def test_prometheus_rule_follows_the_job_name(render):
     text = json.dumps(renamed["spec"])
     assert 'job=\\"samples-sync\\"' in text
     assert 'job=\\"stream\\"' not in text
+    assert renamed["spec"] == yaml.safe_load(scoped(RULES.read_text(), name="samples-sync",
+                                                    fullname="stream-samples-sync"))
+
+
+def alert_rules() -> dict[str, dict]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def test_every_alert_has_a_runbook_section():
+    runbook = ROOT / "docs" / "runbook.md"
+    anchors = {"docs/runbook.md#" + re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+               for line in runbook.read_text().splitlines() if line.startswith("## ")}
+    for name, rule in alert_rules().items():
+        url = rule["annotations"].get("runbook_url")
+        assert url == f"docs/runbook.md#{name.lower()}", name
+        assert url in anchors, f"{name}: docs/runbook.md has no section for {url}"
+
+
+def test_runbook_base_url_makes_full_links(render):
+    base = "https://github.com/example/stream/blob/main/docs/runbook.md"
+    rule = one(render([KEDA], {"prometheusRule": {"runbookBaseUrl": base}}), "PrometheusRule")
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith(base + "#stream") for u in urls)
+
+
+def test_rules_cover_the_alerts_issue():
+    """Issue 15, item 6: the alerts that were missing, and crash loops that page."""
+    alerts = alert_rules()
+    exprs = {name: rule["expr"] for name, rule in alerts.items()}
+    assert "stream_fetch_paused" in exprs["StreamFetchPausedLong"]
+    assert "stream_oldest_retry_seconds" in exprs["StreamBatchesRetryingLong"]
+    assert 'result="failed"' in exprs["StreamCommitsFailing"]
+    assert "stream_rebalances_total" in exprs["StreamRebalancingOften"]
+    assert "stream_end_to_end_latency_seconds_bucket" in exprs["StreamEndToEndLatencyHigh"]
+    assert "kube_pod_status_ready" in exprs["StreamPodsNotReady"]
+    assert "process_resident_memory_bytes" in exprs["StreamMemoryNearLimit"]
+    assert 'resource="memory"' in exprs["StreamMemoryNearLimit"]
+    assert 'reason="OOMKilled"' in exprs["StreamOOMKilled"]
+    assert "time() -" in exprs["StreamNoProgress"] and "offset 1d" in exprs["StreamNoProgress"]
+    assert alerts["StreamPodCrashLooping"]["labels"]["severity"] == "critical"
+    # Samples over samples (item 5).
+    assert "stream_records_consumed_total" not in exprs["StreamDeadLetterRateHigh"]
+    assert exprs["StreamDeadLetterRateHigh"].count("stream_samples_total") == 2
+
+
+def test_rules_are_grouped_by_release():
+    """Issue 15, item 2: every aggregation keeps the release apart."""
+    for name, rule in alert_rules().items():
+        for by in re.findall(r"\b(?:by|on) \(([^)]*)\)", rule["expr"]):
+            labels = {x.strip() for x in by.split(",")}
+            assert "release" in labels or labels >= {"namespace", "pod"}, (name, by)
 
 
 def test_rules_use_only_metrics_the_service_exposes():
@@ -85,7 +145,7 @@ def test_rules_cover_the_operations_issue():
     assert {"rate1h", "rate5m", "rate6h", "rate30m"} <= set(re.findall(r"rate\d+[mhd]",
                                                                       exprs["StreamBatchFailureBudgetBurn"]))
     assert "stream_api_auth_failure" in exprs["StreamApiAuthFailure"]
-    assert "stream_dead_letters_total" in exprs["StreamDeadLetterRateHigh"]
+    assert 'stream_samples_total{job="stream",outcome="dead_lettered"}' in exprs["StreamDeadLetterRateHigh"]
     assert "absent(up" in exprs["StreamMetricsAbsent"]
     assert "absent(stream_" in exprs["StreamServiceMetricsAbsent"]
     for name, rule in alerts.items():
@@ -127,7 +187,9 @@ def test_dashboard_has_a_datasource_variable_and_no_hard_coded_uid():
                 walk(value, f"{path}[{i}]")
 
     walk(dashboard, "$")
-    hard_coded = [(path, uid) for path, uid in references if uid not in ("${datasource}", "$datasource")]
+    # The dashboard's own uid ($.uid) is fixed on purpose (stable links); every datasource reference is the variable.
+    hard_coded = [(path, uid) for path, uid in references
+                  if path != "$" and uid not in ("${datasource}", "$datasource")]
     assert not hard_coded, f"hard-coded uids: {hard_coded}"
     assert references, "panels name no datasource"
     for panel in dashboard["panels"]:

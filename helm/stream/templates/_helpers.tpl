@@ -86,14 +86,21 @@ files in place when a Secret changes, and the service re-reads the token without
 {{- define "stream.caDir" -}}/var/run/secrets/stream/kafka-ca{{- end }}
 {{- define "stream.clientCertDir" -}}/var/run/secrets/stream/kafka-client{{- end }}
 
-{{/* The drain timeout, whole seconds rounded up, and the grace period derived from it. */}}
+{{/* The grace period: at least the drain timeout (whole seconds, rounded up) + the final commit's timeout
+(stream.config COMMIT_TIMEOUT_SECONDS, 10 s) + a margin (5 s: leaving the group and flushing the producer,
+each bounded at 5 s side by side). 0: exactly that minimum. */}}
+{{- define "stream.commitTimeoutSeconds" -}}10{{- end }}
+{{- define "stream.stopMarginSeconds" -}}5{{- end }}
 {{- define "stream.terminationGracePeriodSeconds" -}}
 {{- $drain := int64 (ceil .Values.config.drainTimeoutSeconds) }}
+{{- $commit := int64 (include "stream.commitTimeoutSeconds" .) }}
+{{- $margin := int64 (include "stream.stopMarginSeconds" .) }}
+{{- $minimum := add $drain $commit $margin }}
 {{- $grace := int64 .Values.terminationGracePeriodSeconds }}
 {{- if eq $grace 0 }}
-{{- add $drain 15 }}
-{{- else if le (float64 $grace) (float64 .Values.config.drainTimeoutSeconds) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be above config.drainTimeoutSeconds (%v): Kubernetes would kill the pod while it drains" $grace .Values.config.drainTimeoutSeconds) }}
+{{- $minimum }}
+{{- else if lt $grace $minimum }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) is below its minimum %d = config.drainTimeoutSeconds (%v) + the final commit's timeout (%d s) + a margin (%d s) to leave the group and flush the producer: Kubernetes would kill the pod before it commits what it drained. Set at least %d, or 0 for that minimum." $grace $minimum .Values.config.drainTimeoutSeconds $commit $margin $minimum) }}
 {{- else }}
 {{- $grace }}
 {{- end }}
@@ -134,6 +141,18 @@ files in place when a Secret changes, and the service re-reads the token without
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor needs metrics.service.enabled" }}
+{{- end }}
+{{- if gt (float64 .Values.api.timeoutSeconds) (float64 .Values.config.drainTimeoutSeconds) }}
+{{- fail (printf "api.timeoutSeconds (%v) exceeds config.drainTimeoutSeconds (%v): a request in flight at SIGTERM could still be waiting for the API when the drain gives up, and its samples would be sent again by the next owner. Lower api.timeoutSeconds or raise config.drainTimeoutSeconds (and terminationGracePeriodSeconds with it)." .Values.api.timeoutSeconds .Values.config.drainTimeoutSeconds) }}
+{{- end }}
+{{- with .Values.strategy }}
+{{- if and (ne (toString .type) "Recreate") .rollingUpdate }}
+{{- $surge := .rollingUpdate.maxSurge }}
+{{- $unavailable := .rollingUpdate.maxUnavailable }}
+{{- if and (not (kindIs "invalid" $surge)) (not (kindIs "invalid" $unavailable)) (regexMatch "^0*%?$" (toString $surge)) (regexMatch "^0*%?$" (toString $unavailable)) }}
+{{- fail (printf "strategy.rollingUpdate.maxSurge (%v) and maxUnavailable (%v) are both 0: a rollout could neither add a pod nor take one down, so it would never progress. Keep maxSurge 0 (a surge pod gets no partition) and set maxUnavailable to 1." $surge $unavailable) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if lt (float64 .Values.config.minBatchMaxAgeSeconds) (float64 .Values.config.minBatchHoldSeconds) }}
 {{- fail "config.minBatchMaxAgeSeconds must be at least config.minBatchHoldSeconds" }}
