@@ -10,6 +10,7 @@ its parking in the pending topic; commits never pass an offset that is not done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -562,8 +563,9 @@ class Pipeline:
         headers = dead_letter_headers(rejection.reason, rejection.message, tp.topic, tp.partition, offset, count)
         written = self.writer.write(self.settings.dlq_topic, None, rejection.value, headers)
         self.metrics.dead_letters.labels(rejection.reason).inc()
-        if data_type is not None:
-            self.metrics.samples.labels("dead_lettered", data_type).inc()
+        # Counted as samples even when the record could not be read as any (data type "unknown"): a producer whose
+        # every record is refused must show in the dead-letter ratio (dead-lettered samples over samples).
+        self.metrics.samples.labels("dead_lettered", data_type or "unknown").inc(rejection.samples)
         log.debug("dead letter", extra={"event": "dead_letter", "reason": rejection.reason, "topic": tp.topic,
                                         "partition": tp.partition, "offset": offset})
         self._ack_when_written(written, [(state, offset), *also])
@@ -638,6 +640,11 @@ class Pipeline:
             self.metrics.revoke_seconds.observe(self._clock() - started)
         for tp in revoked:
             self.tracker.revoke(tp)
+            # Their series go with them: frozen values would count twice in the group's lag and, with no more
+            # commits, page as a partition whose commits stalled while its new owner commits.
+            for gauge in (self.metrics.lag, self.metrics.committed_offset):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
         if self._redrive_counts:
             self._redrive_counts.revoked(revoked)
         if self.ledger is not None:

@@ -71,6 +71,9 @@ class Rejection(msgspec.Struct, frozen=True, gc=False):
     reason: str
     message: str
     value: bytes
+    # Samples the dead letter stands for, as counted in stream_samples_total (the dead-letter ratio): the bundle's
+    # elements for a whole bundle or its many refused samples; 1 for a record that cannot be read as samples.
+    samples: int = 1
 
 
 class ValidSample(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -290,7 +293,7 @@ def _decode_in_detail(value: bytes) -> Decoded | Rejection:
         return Rejection("empty_bundle", "the bundle's `data` array is empty", value)
     if len(elements) > MAX_BUNDLE_SAMPLES:
         message = f"data has {len(elements):,} samples; the limit is {MAX_BUNDLE_SAMPLES:,}"
-        return Rejection("bundle_too_large", message, value)
+        return Rejection("bundle_too_large", message, value, len(elements))
     # Re-encoded, not as written: a dead letter's user_id is at most 256 characters in ~1.5 KB, whatever the
     # escapes its producer spelled it with (it is copied into each of the bundle's dead letters).
     head = b'{"user_id":' + _encode(user_id) + b',"data_type":' + _encode(data_type)
@@ -570,9 +573,9 @@ def _bundle(
         return Decoded(user_id, data_type, samples, rejections)
     summary = _summary(refused, len(elements))
     if not samples:
-        return Rejection("many_invalid_samples", summary, value)
+        return Rejection("many_invalid_samples", summary, value, len(refused))
     letter = head + b',"data":[' + b",".join(element for *_, element in refused) + b"]}"
-    return Decoded(user_id, data_type, samples, [Rejection("many_invalid_samples", summary, letter)])
+    return Decoded(user_id, data_type, samples, [Rejection("many_invalid_samples", summary, letter, len(refused))])
 
 
 def _element(element: bytes) -> ValidSample | Problem:
