@@ -18,6 +18,8 @@ from tests.tools import require_tool  # noqa: E402
 # (release, namespace): a and b share prod; staging runs a release named like prod's first one.
 RELEASES = [("stream-a", "prod"), ("stream-b", "prod"), ("stream-a", "staging")]
 DEFAULT = chart.CHART / "ci" / "default-values.yaml"
+# The rules with the ServiceMonitor that adds the release label they select by (the render fails without).
+RULES = {"prometheusRule": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}}
 
 
 def scope(release: str, namespace: str) -> str:
@@ -31,7 +33,7 @@ def rule_files(render, tmp_path_factory):
     out = tmp_path_factory.mktemp("rules")
     names = []
     for release, namespace in RELEASES:
-        docs = render([DEFAULT], values={"prometheusRule": {"enabled": True}}, release=release, namespace=namespace)
+        docs = render([DEFAULT], values=RULES, release=release, namespace=namespace)
         rule = one(docs, "PrometheusRule")
         path = out / f"{namespace}-{release}.yaml"
         path.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
@@ -61,6 +63,15 @@ def alerts(directory, rule_file: str, name: str, labels: dict, value: str | None
     return [{"exp_labels": {"severity": rule["labels"]["severity"], **labels}, "exp_annotations": annotations}]
 
 
+def pod_series(namespace: str, pod: str, replicaset: str, phase: str = "Running") -> list[dict]:
+    """kube-state-metrics: the pod's phase and its owner."""
+    return [
+        {"series": f'kube_pod_status_phase{{namespace="{namespace}",pod="{pod}",phase="{phase}"}}', "values": "1x30"},
+        {"series": f'kube_pod_owner{{namespace="{namespace}",pod="{pod}",owner_kind="ReplicaSet",'
+                   f'owner_name="{replicaset}",owner_is_controller="true"}}', "values": "1x30"},
+    ]
+
+
 def test_rendered_rules_are_scoped_to_their_release(rule_files):
     directory, rule_files = rule_files
     a_file, b_file, _ = rule_files
@@ -83,6 +94,9 @@ def test_rendered_rules_are_scoped_to_their_release(rule_files):
          "values": "1x30"},
         {"series": 'kube_pod_status_ready{namespace="staging",pod="stream-a-7d9f8b6c5d-fghij",condition="true"}',
          "values": "1x30"},
+        *pod_series("prod", "stream-a-7d9f8b6c5d-abcde", "stream-a-7d9f8b6c5d"),
+        *pod_series("prod", "stream-b-7d9f8b6c5d-abcde", "stream-b-7d9f8b6c5d"),
+        *pod_series("staging", "stream-a-7d9f8b6c5d-fghij", "stream-a-7d9f8b6c5d"),
     ]
     lag_a = {"job": "stream", "namespace": "prod", "release": "stream-a", "topic": "samples"}
     tests = [{
@@ -132,6 +146,13 @@ def test_unscoped_rules_would_merge_and_miss(rule_files):
             {"series": f"stream_build_info{{{scope('stream-a', 'staging')}}}", "values": "1x30"},
         ],
         "alert_rule_test": [{"eval_time": "15m", "alertname": "StreamMetricsAbsent", "exp_alerts": []}],
+    }, {
+        # The generic alert itself works: with nothing scraped at all it fires (so its silence above is the
+        # merging, not a broken rule).
+        "interval": "1m",
+        "input_series": [{"series": 'up{job="other"}', "values": "1x30"}],
+        "alert_rule_test": [{"eval_time": "15m", "alertname": "StreamMetricsAbsent", "exp_alerts": alerts(
+            directory, "generic.yaml", "StreamMetricsAbsent", {"job": "stream"})}],
     }]
     result = promtool_test(["generic.yaml"], tests, directory)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -150,17 +171,169 @@ def test_monitors_label_every_series_with_the_release(render):
         {"action": "replace", "targetLabel": "release", "replacement": "stream-b"}]
 
 
+# --- Every selector of every expression ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`)
+  | (?P<range>\[[^\]]*\])
+  | (?P<number>[0-9][0-9.]*(?:e[+-]?[0-9]+)?(?:ms|[smhdwy])?)
+  | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+  | (?P<punct>==|!=|=~|!~|>=|<=|[-+*/%^(){},=<>])
+""", re.VERBOSE)
+_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
+                 "quantile"}
+_KEYWORDS = {"and", "or", "unless", "offset", "bool", "inf", "nan"}
+_LABEL_LISTS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+
+
+def selectors(expr: str) -> list[tuple[str | None, dict[str, tuple[str, str]]]]:
+    """Every vector selector of a PromQL expression: (metric name or None, {label: (operator, value)})."""
+    tokens, pos = [], 0
+    while pos < len(expr):
+        match = _TOKEN.match(expr, pos)
+        assert match, f"cannot read {expr[pos:pos + 30]!r} in {expr!r}"
+        pos = match.end()
+        if match.lastgroup not in ("ws", "comment"):
+            tokens.append((match.lastgroup, match.group()))
+    found, i = [], 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        following = tokens[i + 1][1] if i + 1 < len(tokens) else None
+        if kind == "ident" and text in _LABEL_LISTS:
+            if following == "(":  # a label list: skip it
+                i = next(j for j in range(i + 1, len(tokens)) if tokens[j][1] == ")")
+            i += 1
+            continue
+        if kind == "ident" and (text in _AGGREGATIONS or text.lower() in _KEYWORDS or following == "("):
+            i += 1  # an aggregation, a keyword or a function call
+            continue
+        if (kind == "ident") or (kind == "punct" and text == "{"):
+            name = text if kind == "ident" else None
+            matchers: dict[str, tuple[str, str]] = {}
+            j = i + 1 if kind == "ident" else i
+            if j < len(tokens) and tokens[j][1] == "{":
+                j += 1
+                while tokens[j][1] != "}":
+                    label, op, value = tokens[j][1], tokens[j + 1][1], tokens[j + 2][1]
+                    assert label not in matchers, f"{label} twice in a selector of {expr!r}"
+                    matchers[label] = (op, value[1:-1].encode().decode("unicode_escape"))
+                    j += 3
+                    if tokens[j][1] == ",":
+                        j += 1
+                i = j
+            found.append((name, matchers))
+        i += 1
+    return found
+
+
+def quote_meta(text: str) -> str:
+    """Go's regexp.QuoteMeta (helm's regexQuoteMeta): Python's re.escape also escapes "-"."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", text)
+
+
+def scoping_errors(spec: dict, release: str, namespace: str, fullname: str) -> list[tuple[str, str]]:
+    """(rule, what) of what is not scoped to the release in a rules file: each selector must carry its job,
+    namespace and release, or be a kube-state-metrics selector of the namespace and the release's pods (by
+    owner ReplicaSet <fullname>-<hash>, or a first cut by pod name joined with a series of the release) or
+    Deployment."""
+    errors = []
+    pod_prefix = quote_meta(f"{fullname}-"[:58])
+    for group in spec["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule["record"]
+            found = selectors(rule["expr"])
+            assert found, name
+            release_scoped = owner_scoped = False
+            for metric, m in found:
+                where = f"{name}: {metric}{m}"
+                if metric is None:
+                    errors.append((name, f"{where}: a selector without a metric name"))
+                elif metric.startswith("kube_"):
+                    if m.get("namespace") != ("=", namespace):
+                        errors.append((name, f"{where}: no namespace"))
+                    if metric == "kube_pod_owner":
+                        owner_scoped = m.get("owner_name") == ("=~", f"{quote_meta(fullname)}-[a-z0-9]+")
+                        if not owner_scoped or m.get("owner_kind") != ("=", "ReplicaSet"):
+                            errors.append((name, f"{where}: not the release's ReplicaSets"))
+                    elif metric.startswith("kube_deployment_"):
+                        if m.get("deployment") != ("=", fullname):
+                            errors.append((name, f"{where}: not the release's Deployment"))
+                    elif m.get("pod") != ("=~", f"{pod_prefix}[a-z0-9-]+"):
+                        errors.append((name, f"{where}: not the release's pod names"))
+                else:
+                    scoped = all(m.get(k) == ("=", v) for k, v in
+                                 {"job": "stream", "namespace": namespace, "release": release}.items())
+                    release_scoped |= scoped
+                    if not scoped:
+                        errors.append((name, f"{where}: no job, namespace and release"))
+            # A pod name prefix is a first cut: fullname-b's pods begin with fullname-. The release's pods are those
+            # its ReplicaSets own, or those a series of the release names.
+            pod_only = [metric for metric, m in found if metric and metric.startswith("kube_pod_") and "pod" in m]
+            if pod_only and not (owner_scoped or release_scoped):
+                errors.append((name, "pods by name only, not joined with kube_pod_owner or a series of the release"))
+    return errors
+
+
+def test_the_selector_reader_reads_every_selector():
+    expr = ('sum by (namespace, pod) (increase(a_total{job="stream",x=~"y|z"}[1h] offset 1d)) / on (namespace) '
+            'group_left max(b) > 2 * count without (pod) (c{d!="e"}) unless absent({__name__="f"}) and time() > 0')
+    assert selectors(expr) == [("a_total", {"job": ("=", "stream"), "x": ("=~", "y|z")}), ("b", {}),
+                               ("c", {"d": ("!=", "e")}), (None, {"__name__": ("=", "f")})]
+
+
 def test_rendered_rules_select_only_their_release(render):
-    docs = render([DEFAULT], values={"prometheusRule": {"enabled": True}}, release="stream-b", namespace="staging")
-    rule = one(docs, "PrometheusRule")
-    for group in rule["spec"]["groups"]:
-        for r in group["rules"]:
-            expr = r["expr"]
-            if "job=" in expr:
-                assert 'job="stream",namespace="staging",release="stream-b"' in expr, r.get("alert") or r["record"]
-                assert expr.count("job=") == expr.count('release="stream-b"'), r.get("alert") or r["record"]
-            if "kube_" in expr:
-                assert 'namespace="staging",pod=~"stream-b-[a-z0-9]+-[a-z0-9]+"' in expr, r["alert"]
-            # Recorded series are read back scoped too: another release's recording would otherwise be seen.
-            for name in set(re.findall(r"stream:[a-z_0-9]+:[a-z0-9_]+(?=[{\[ ]|$)", expr)):
-                assert f'{name}{{job="stream",namespace="staging"' in expr, (r.get("alert"), name)
+    docs = render([DEFAULT], values=RULES, release="stream-b", namespace="staging")
+    spec = one(docs, "PrometheusRule")["spec"]
+    assert scoping_errors(spec, "stream-b", "staging", "stream-b") == []
+    metrics = {metric for g in spec["groups"] for r in g["rules"] for metric, _ in selectors(r["expr"])}
+    assert {"up", "stream_build_info", "stream:consumer_lag:sum", "kube_pod_owner", "kube_pod_status_phase",
+            "kube_deployment_spec_replicas", "process_resident_memory_bytes"} <= metrics
+    # Not vacuous: the generic file's selectors are all reported.
+    generic = yaml.safe_load((chart.CHART / "files" / "alerts.yaml").read_text())
+    errors = scoping_errors(generic, "stream-b", "staging", "stream-b")
+    rules = [r.get("alert") or r["record"] for g in generic["groups"] for r in g["rules"]]
+    assert {rule for rule, _ in errors} == set(rules)
+
+
+# A fullname long enough for Kubernetes to cut the pods' names: the ReplicaSet is <fullname>-<hash>, its pods'
+# generated names keep the first 58 characters of "<fullname>-<hash>-" and add 5 random ones.
+LONG = "samples-sync-eu-west-1-production-stream-consumer-blue"
+
+
+def pod_name(replicaset: str, suffix: str = "abcde") -> str:
+    return f"{replicaset}-"[:58] + suffix
+
+
+def test_pods_of_a_long_fullname_are_seen(render, tmp_path):
+    assert len(LONG) + len("-7d9f8b6c5d-") > 58
+    rules = []
+    for release, fullname in (("blue", LONG), ("blue-b", f"{LONG}-b")):
+        docs = render([DEFAULT], values={**RULES, "fullnameOverride": fullname}, release=release, namespace="prod")
+        spec = one(docs, "PrometheusRule")["spec"]
+        assert scoping_errors(spec, release, "prod", fullname) == []
+        (tmp_path / f"{release}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        rules.append(f"{release}.yaml")
+    pod = pod_name(f"{LONG}-7d9f8b6c5d")  # <LONG>-7dabcde: not <fullname>-<hash>-<random>
+    other = pod_name(f"{LONG}-b-7d9f8b6c5d")  # blue-b's: begins with <LONG>- too
+    series = []
+    for name, replicaset in ((pod, f"{LONG}-7d9f8b6c5d"), (other, f"{LONG}-b-7d9f8b6c5d")):
+        series += [{"series": f'kube_pod_status_ready{{namespace="prod",pod="{name}",condition="true"}}',
+                    "values": "0x30"}, *pod_series("prod", name, replicaset)]
+    tests = [{"interval": "1m", "input_series": series, "alert_rule_test": [
+        {"eval_time": "20m", "alertname": "StreamPodsNotReady", "exp_alerts": [
+            *alerts(tmp_path, "blue.yaml", "StreamPodsNotReady", {"namespace": "prod", "pod": pod}),
+            *alerts(tmp_path, "blue-b.yaml", "StreamPodsNotReady", {"namespace": "prod", "pod": other})]}]}]
+    result = promtool_test(rules, tests, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_need_the_release_label(render, render_error):
+    error = render_error([DEFAULT], values={"prometheusRule": {"enabled": True}})
+    assert "prometheusRule.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled" in error.stderr
+    assert "prometheusRule.releaseLabelFromScrapeConfig=true" in error.stderr
+    for values in ({"metrics": {"podMonitor": {"enabled": True}}}, {"metrics": {"serviceMonitor": {"enabled": True}}},
+                   {"prometheusRule": {"enabled": True, "releaseLabelFromScrapeConfig": True}}):
+        values = {**values, "prometheusRule": {"enabled": True, **values.get("prometheusRule", {})}}
+        one(render([DEFAULT], values=values), "PrometheusRule")

@@ -171,40 +171,60 @@ def test_chart_version_and_kube_version():
 
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2"
-    assert meta["kubeVersion"] == ">=1.29.0-0 <1.38.0-0"
+    # 0.3.0: breaking (grace periods, the release label the rules need, the NetworkPolicy's DNS default back).
+    assert meta["version"] == "0.3.0"
+    # A lower bound only: helm must not refuse an upgrade once a cluster moves past the newest validated minor.
+    assert meta["kubeVersion"] == ">=1.29.0-0"
+    assert meta["annotations"]["stream/validated-kubernetes"] == "1.29-1.37"
     from stream import __version__
 
     assert meta["appVersion"] == __version__
 
 
-def test_the_claimed_kubernetes_range_is_what_deploy_checks_validates():
+def test_the_stated_kubernetes_range_is_what_deploy_checks_validates():
     from tests.deploy import chart
 
     pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (.ci/deploy-checks installs it)")
-    # Every minor the chart claims has schemas in kubernetes-validate (kube_versions raises otherwise), and
-    # .ci/deploy-checks validates exactly those: no more, no fewer.
+    # .ci/deploy-checks validates every minor from kubeVersion's lower bound to the newest kubernetes-validate
+    # knows (kube_versions raises on a gap); the chart states that range in its annotation: no more, no fewer.
     versions = chart.kube_versions()
-    assert versions[0] == "1.29.0"
-    assert versions == [f"1.{minor}.0" for minor in range(29, 29 + len(versions))]
+    stated = [f"{a}.{b}.0" for a, b in chart.stated_kube_minors()]
+    assert versions[0] == "{}.{}.0".format(*chart.kube_lower_bound()) == "1.29.0"
+    assert versions == stated, (
+        f"Chart.yaml annotation {chart.VALIDATED_ANNOTATION} states {stated[0]}..{stated[-1]}, but .ci/deploy-checks "
+        f"validates {versions[0]}..{versions[-1]}: update the annotation")
     script = (ROOT / ".ci" / "deploy-checks").read_text()
     assert '"$PYTHON" -m tests.deploy.chart kube-versions' in script
-    # The tests render for the newest claimed version; helm's kubeVersion check passes at both ends and
-    # refuses a version outside the range.
+    # The tests render for the newest validated version.
     assert chart.KUBE_VERSION == versions[-1]
 
 
-def test_helm_refuses_kubernetes_outside_the_claimed_range(render):
+def test_stated_range_mismatch_is_caught(monkeypatch):
+    """The comparison above is not vacuous: an annotation one minor short, or one beyond kubeVersion's lower
+    bound, differs from what deploy-checks validates."""
+    from tests.deploy import chart
+
+    pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (.ci/deploy-checks installs it)")
+    text = (CHART / "Chart.yaml").read_text()
+    versions = chart.kube_versions()
+    for stated in ("1.29-1.36", "1.30-1.37", f"1.29-1.{int(versions[-1].split('.')[1]) + 1}"):
+        monkeypatch.setattr(chart, "_chart_yaml", lambda s=stated: text.replace(
+            'stream/validated-kubernetes: "1.29-1.37"', f'stream/validated-kubernetes: "{s}"'))
+        assert [f"{a}.{b}.0" for a, b in chart.stated_kube_minors()] != chart.kube_versions()
+
+
+def test_helm_accepts_every_newer_kubernetes_and_refuses_an_older_one(render):
     from tests.deploy import chart
 
     token = {"secret": {"apiToken": "t"}}
     versions = chart.kube_versions()
-    for version in (versions[0], versions[-1]):
+    low = chart.kube_lower_bound()
+    # Every validated minor, and the ones after it (an upgrade must not be refused once the cluster moves on).
+    for version in (versions[0], versions[-1], "1.38.0", "1.40.3"):
         render(values=token, kube_version=version)
-    low, high = chart.claimed_kube_minors()[0], chart.claimed_kube_minors()[-1]
-    for version in (f"1.{low[1] - 1}.0", f"1.{high[1] + 1}.0"):
-        with pytest.raises(chart.RenderError) as info:
-            render(values=token, kube_version=version)
-        assert "kubeVersion" in info.value.stderr or "incompatible" in info.value.stderr
+    with pytest.raises(chart.RenderError) as info:
+        render(values=token, kube_version=f"1.{low[1] - 1}.0")
+    assert "kubeVersion" in info.value.stderr or "incompatible" in info.value.stderr
 
 
 DASHBOARD = CHART / "files" / "dashboard.json"

@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("yaml", reason="needs PyYAML (.ci/deploy-checks installs it)")
 
+import yaml
+
 from stream import config
 from tests.deploy import chart
 from tests.deploy.chart import container, environment, find, one
@@ -420,20 +422,31 @@ CLUSTER_DNS = [{
 }]
 
 
-def test_dns_egress_only_to_the_cluster_dns(ci_renders, render):
-    [dns] = [rule for rule in one(ci_renders["networkpolicy-existingsecret-values"], "NetworkPolicy")["spec"]["egress"]
-             if {p["port"] for p in rule["ports"]} == {53}]
+def dns_rules(docs: list[dict]) -> list[dict]:
+    return [rule for rule in one(docs, "NetworkPolicy")["spec"]["egress"]
+            if {p["port"] for p in rule["ports"]} == {53}]
+
+
+def test_dns_egress_by_default_to_any_destination_on_port_53(render):
+    # The default works with every cluster DNS (kube-dns/CoreDNS, NodeLocal DNSCache, GKE Cloud DNS, OpenShift),
+    # and is what the chart did before dnsTo existed: an upgrade changes nothing.
+    assert yaml.safe_load((chart.CHART / "values.yaml").read_text())["networkPolicy"]["egress"]["dnsTo"] == []
+    [dns] = dns_rules(render([DEFAULT], {"networkPolicy": {"enabled": True}}))
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert "to" not in dns
+
+
+def test_dns_egress_can_be_restricted(ci_renders, render):
+    [dns] = dns_rules(ci_renders["networkpolicy-existingsecret-values"])
     assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
     # One peer with both selectors: pods labelled k8s-app=kube-dns *in* kube-system, not either of them.
     assert dns["to"] == CLUSTER_DNS
-    # Configurable: another DNS (NodeLocal DNSCache), or [] for any destination on port 53; or none at all.
+    # Another DNS (NodeLocal DNSCache); or no DNS rule at all.
     local = [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
-    for to in (local, []):
-        docs = render([DEFAULT], {"networkPolicy": {"enabled": True, "egress": {"dnsTo": to}}})
-        [rule] = [r for r in one(docs, "NetworkPolicy")["spec"]["egress"] if r["ports"][0]["port"] == 53]
-        assert rule.get("to", []) == to
+    [rule] = dns_rules(render([DEFAULT], {"networkPolicy": {"enabled": True, "egress": {"dnsTo": local}}}))
+    assert rule["to"] == local
     docs = render([DEFAULT], {"networkPolicy": {"enabled": True, "egress": {"dns": False}}})
-    assert all(r["ports"][0]["port"] != 53 for r in one(docs, "NetworkPolicy")["spec"]["egress"])
+    assert dns_rules(docs) == []
 
 
 def test_image_by_digest_or_tag(ci_renders, render):

@@ -61,7 +61,9 @@ def scoped(text: str, name: str = "stream", namespace: str = "prod", release: st
     """files/alerts.yaml as the chart renders it for a release (templates/prometheusrule.yaml)."""
     return (text.replace('job="stream"', f'job="{name}",namespace="{namespace}",release="{release}"')
             .replace('pod=~"stream-[a-z0-9]+-[a-z0-9]+"',
-                     f'namespace="{namespace}",pod=~"{fullname}-[a-z0-9]+-[a-z0-9]+"'))
+                     f'namespace="{namespace}",pod=~"{f"{fullname}-"[:58]}[a-z0-9-]+"')
+            .replace('owner_name=~"stream-[a-z0-9]+"', f'namespace="{namespace}",owner_name=~"{fullname}-[a-z0-9]+"')
+            .replace('deployment="stream"', f'namespace="{namespace}",deployment="{fullname}"'))
 
 
 def test_prometheus_rule_carries_the_rules_file(render):
@@ -126,7 +128,9 @@ def test_rules_are_grouped_by_release():
     for name, rule in alert_rules().items():
         for by in re.findall(r"\b(?:by|on) \(([^)]*)\)", rule["expr"]):
             labels = {x.strip() for x in by.split(",")}
-            assert "release" in labels or labels >= {"namespace", "pod"}, (name, by)
+            # (namespace) alone: a join with the release's Deployment (kube_deployment_*{deployment=...}).
+            deployment = labels == {"namespace"} and re.search(r"kube_deployment_\w+\{deployment=", rule["expr"])
+            assert "release" in labels or labels >= {"namespace", "pod"} or deployment, (name, by)
 
 
 def test_rules_use_only_metrics_the_service_exposes():

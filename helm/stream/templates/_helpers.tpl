@@ -139,6 +139,9 @@ each bounded at 5 s side by side). 0: exactly that minimum. */}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "metrics.serviceMonitor and metrics.podMonitor are both enabled: every sample would be scraped twice" }}
 {{- end }}
+{{- if and .Values.prometheusRule.enabled (not .Values.metrics.serviceMonitor.enabled) (not .Values.metrics.podMonitor.enabled) (not .Values.prometheusRule.releaseLabelFromScrapeConfig) }}
+{{- fail "prometheusRule.enabled needs metrics.serviceMonitor.enabled or metrics.podMonitor.enabled: the alerts select this release's series by the target label release, which only the chart's ServiceMonitor/PodMonitor add, so without them no alert would ever see a series (and the absent() alerts would fire for ever). If your own scrape config sets job=<chart name> and release=<release name> on the pods' targets, set prometheusRule.releaseLabelFromScrapeConfig=true." }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor needs metrics.service.enabled" }}
 {{- end }}
