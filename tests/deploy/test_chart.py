@@ -102,15 +102,35 @@ def test_config_checksum_changes_when_a_setting_changes(render):
     assert after["checksum/secret"] == before["checksum/secret"]
 
 
-def test_secret_checksum_changes_when_a_credential_changes(render):
+def test_secret_checksum_changes_when_a_credential_read_at_start_changes_and_not_for_the_token(render):
+    # The API token is re-read from its file in place: a new token must not roll every pod (each pod replaced
+    # costs the group two rebalances). The SASL password is read at start: a new one must roll them.
     before = annotations(render([DEFAULT]))
-    after = annotations(render([DEFAULT], {"secret": {"apiToken": "another"}}))
-    assert after["checksum/secret"] != before["checksum/secret"]
-    assert after["checksum/config"] == before["checksum/config"]
+    token = annotations(render([DEFAULT], {"secret": {"apiToken": "another"}}))
+    assert token == before
+    sasl = {"kafka": {"securityProtocol": "SASL_PLAINTEXT", "sasl": {"username": "u"}}}
+    one_password = annotations(render([DEFAULT], {**sasl, "secret": {"kafkaSaslPassword": "pw"}}))
+    other_password = annotations(render([DEFAULT], {**sasl, "secret": {"kafkaSaslPassword": "pw2"}}))
+    assert other_password["checksum/secret"] != one_password["checksum/secret"]
+    assert other_password["checksum/config"] == one_password["checksum/config"]
     # Pointing at another existing Secret rolls the pods too.
     one_secret = annotations(render(values={"existingSecret": "a"}))
     other_secret = annotations(render(values={"existingSecret": "b"}))
     assert one_secret["checksum/secret"] != other_secret["checksum/secret"]
+
+
+def test_a_chart_version_bump_alone_does_not_roll_the_pods(render):
+    # The pod template carries no chart version (helm.sh/chart): only the Deployment's own labels do.
+    deployment = one(render([DEFAULT]), "Deployment")
+    assert "helm.sh/chart" in deployment["metadata"]["labels"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in pod_labels
+    assert pod_labels["app.kubernetes.io/instance"] and pod_labels["app.kubernetes.io/name"]
+
+
+def test_a_new_pod_stays_ready_a_while_before_the_next_one_is_replaced(render):
+    assert one(render([DEFAULT]), "Deployment")["spec"]["minReadySeconds"] == 15
+    assert one(render([DEFAULT], {"minReadySeconds": 0}), "Deployment")["spec"]["minReadySeconds"] == 0
 
 
 def test_checksums_are_stable(render):

@@ -26,6 +26,25 @@ app.kubernetes.io/name: {{ include "stream.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- /* The pods' labels: stream.labels without helm.sh/chart, whose version would roll every pod at a chart bump. */}}
+{{- define "stream.podLabels" -}}
+{{ include "stream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: stream
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- /* The SASL password when the chart's own Secret holds it (read only at start, unlike the API token): its
+change must roll the pods. */}}
+{{- define "stream.saslPasswordInChartSecret" -}}
+{{- if and (not .Values.existingSecret) (include "stream.saslEnabled" .) (not .Values.kafka.sasl.passwordSecret.name) -}}
+{{ .Values.secret.kafkaSaslPassword }}
+{{- end -}}
+{{- end }}
+
 {{- define "stream.labels" -}}
 helm.sh/chart: {{ include "stream.chart" . }}
 {{ include "stream.selectorLabels" . }}
