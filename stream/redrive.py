@@ -338,6 +338,13 @@ class Tally:
     def left_total(self) -> int:
         return sum(self.filtered.values()) + sum(self.over_max.values()) + sum(self.unreadable.values())
 
+    def leave(self, counts: Counter, positions: list[str], reason: str, where: str) -> None:
+        """One record left in the DLQ (over --max-redrives, or unreadable): counted, and named among the first."""
+        self.read += 1
+        counts[reason] += 1
+        if len(positions) < REPORT_POSITIONS:
+            positions.append(where)
+
 
 @dataclass
 class Outcome:

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from typing import TextIO
 
 from stream.redrive import (
-    REPORT_POSITIONS,
     SHOW_BYTES,
     Decision,
     Outcome,
@@ -503,16 +502,12 @@ class _Run:
                 tally.unknown_counts += 1
             where = f"{self.dlq}/{tp.partition}/{record.offset}"
             if decision.verdict is Verdict.OVER_MAX:
-                tally.read += 1
-                tally.over_max[decision.reason] += 1
-                if len(tally.over_max_at) < REPORT_POSITIONS:
-                    tally.over_max_at.append(f"{where} {decision.reason}, redriven {decision.count} times")
+                tally.leave(tally.over_max, tally.over_max_at, decision.reason,
+                            f"{where} {decision.reason}, redriven {decision.count} times")
                 continue
             if decision.verdict is Verdict.UNREADABLE:
-                tally.read += 1
-                tally.unreadable[decision.reason] += 1
-                if len(tally.unreadable_at) < REPORT_POSITIONS:
-                    tally.unreadable_at.append(f"{where} {decision.reason}: {decision.why}")
+                tally.leave(tally.unreadable, tally.unreadable_at, decision.reason,
+                            f"{where} {decision.reason}: {decision.why}")
                 continue
             assert decision.destination is not None
             headers = redrive_headers(decision.count + 1, decision.reason, self.dlq, tp.partition, record.offset)
