@@ -136,10 +136,11 @@ class _LateReady:
 
     def __init__(self) -> None:
         self.pipeline: Pipeline | None = None
+        self.waiting = "starting"  # what /readyz says while no pipeline runs
 
     def __call__(self) -> tuple[bool, str]:
         if self.pipeline is None:
-            return False, "starting"
+            return False, self.waiting
         return self.pipeline.ready()
 
 
@@ -178,41 +179,115 @@ async def _listen(health: HealthServer, port: int) -> None:
         raise StartupError(f"cannot listen on port {port} ({variable}): {reason}", status=2) from None
 
 
+REBUILD_RETRY_FIRST_SECONDS = 1.0  # new Kafka clients the brokers refuse: tried again with backoff, up to
+REBUILD_RETRY_MAX_SECONDS = 30.0
+
+
+class _Runs:
+    """The pipeline running now, and whether a signal asked the service to stop: the next pipeline (new Kafka
+    clients after a credential change) must not start then."""
+
+    def __init__(self) -> None:
+        self.pipeline: Pipeline | None = None
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+
 async def _run_pipeline(settings: config.Settings, metrics: Metrics, ready: _LateReady) -> None:
+    """Run pipelines until a signal stops the service. One after another, in the same process, when the Kafka
+    credential files change: each pipeline's clients load the files when built (stream/kafka_credentials.py)."""
     from aiokafka.errors import KafkaConnectionError
 
-    from stream.kafka_tls import TlsFilesChanged
+    from stream.kafka_credentials import CredentialsChanged
     from stream.ledger_store import LedgerTopicError
     from stream.pipeline import Pipeline
     from stream.token import TokenSource
 
-    pipeline = Pipeline(settings, metrics, token=TokenSource(settings).current)
-    ready.pipeline = pipeline
+    token = TokenSource(settings).current
+    runs = _Runs()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, pipeline.stop)
+        loop.add_signal_handler(sig, runs.stop)
+    rebuilding: CredentialsChanged | None = None  # why the pipeline about to start has new clients
+    delay = REBUILD_RETRY_FIRST_SECONDS
+
+    def rebuild(why: CredentialsChanged) -> None:
+        nonlocal rebuilding
+        rebuilding = why
+        ready.pipeline, ready.waiting = None, "rebuilding the Kafka clients with the changed credential files"
+        metrics.kafka_clients_rebuilt.inc()
+        log.info("Kafka clients stopped; starting new ones with the changed credential files",
+                 extra={"event": "kafka_clients_rebuilding", "variables": ",".join(why.variables)})
+
     try:
-        await pipeline.run()
-    except LedgerTopicError as exc:
-        # The ledger topic has fewer partitions than an input topic, or cannot be created: an operator's fix.
-        await _close_quietly(pipeline)
-        raise StartupError(f"{config.env_name('ledger_topic')}: {exc}", status=2) from None
-    except TlsFilesChanged as exc:
-        # The clients loaded the files at start: a Secret fixed in place takes a restart (status 1: try again).
-        await _close_quietly(pipeline)
-        raise StartupError(str(exc), status=1) from None
-    except KafkaConnectionError:
-        # Raised when no bootstrap server answers at start (once running, the clients reconnect by themselves).
-        # Status 1, not 2: the address may be right and Kafka only down for now; a restart will try again.
-        await _close_quietly(pipeline)
-        variable = config.env_name("kafka_bootstrap_servers")
-        raise StartupError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({variable}): no bootstrap server answered",
-            status=1,
-        ) from None
+        while not runs.stopping.is_set():
+            try:
+                pipeline = Pipeline(settings, metrics, token=token)
+            except (OSError, config.ConfigError) as exc:  # a credential file unreadable as it is now
+                if rebuilding is None:
+                    raise
+                ready.waiting = "the changed Kafka credential files cannot be loaded"
+                log.warning("cannot load the changed Kafka credential files; trying again",
+                            extra={"event": "kafka_credentials_unusable", "error": _oneline(exc)})
+                delay = await _pause(runs.stopping, delay)
+                continue
+            ready.pipeline = runs.pipeline = pipeline
+            try:
+                await pipeline.run()
+            except LedgerTopicError as exc:
+                # The ledger topic has fewer partitions than an input topic, or cannot be created: an operator's fix.
+                await _close_quietly(pipeline)
+                raise StartupError(f"{config.env_name('ledger_topic')}: {exc}", status=2) from None
+            except CredentialsChanged as exc:  # while TLS failed, before any client started
+                await _close_quietly(pipeline)
+                log.warning(str(exc), extra={"event": "kafka_credentials_changed",
+                                             "variables": ",".join(exc.variables)})
+                rebuild(exc)
+                continue
+            except KafkaConnectionError:
+                await _close_quietly(pipeline)
+                if rebuilding is None:
+                    # Raised when no bootstrap server answers at start (once running, the clients reconnect by
+                    # themselves). Status 1, not 2: the address may be right and Kafka only down for now; a restart
+                    # will try again.
+                    variable = config.env_name("kafka_bootstrap_servers")
+                    raise StartupError(
+                        f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({variable}): no bootstrap "
+                        "server answered",
+                        status=1,
+                    ) from None
+                # New clients after a rotation: the brokers may not take the new credentials yet, or be away for a
+                # moment. Not a reason to exit: try again, reading the files anew.
+                ready.pipeline, ready.waiting = None, "the brokers refuse the new Kafka clients; trying again"
+                if runs.stopping.is_set():
+                    return
+                log.warning("the new Kafka clients could not connect (credentials not yet accepted, or the brokers "
+                            "away); trying again", extra={"event": "kafka_rebuild_failed",
+                                                          "variables": ",".join(rebuilding.variables)})
+                delay = await _pause(runs.stopping, delay)
+                continue
+            if pipeline.credentials_changed is None or runs.stopping.is_set():
+                return
+            rebuild(pipeline.credentials_changed)
+            delay = REBUILD_RETRY_FIRST_SECONDS
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _pause(stopping: asyncio.Event, delay: float) -> float:
+    """Wait `delay` seconds, or less if the service is asked to stop; the next, longer delay."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=delay)
+    return min(delay * 2, REBUILD_RETRY_MAX_SECONDS)
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 async def _close_quietly(pipeline: Pipeline) -> None:

@@ -43,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kafka_ssl_cafile: str = ""
     kafka_ssl_certfile: str = ""
     kafka_ssl_keyfile: str = ""
+    kafka_credentials_check_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
     dlq_topic: str = "samples.dlq"
     pending_topic: str = ""  # derived from the group id when empty (see __post_init__)
     api_url: str = "https://api-b2b.gerosense.ai/api/v2.2"
@@ -196,6 +197,8 @@ HELP: dict[str, str] = {
     "kafka_ssl_cafile": "CA bundle to verify the brokers (with SSL or SASL_SSL; default: the system's)",
     "kafka_ssl_certfile": "client certificate for mutual TLS (PEM), with STREAM_KAFKA_SSL_KEYFILE",
     "kafka_ssl_keyfile": "client private key for mutual TLS (PEM)",
+    "kafka_credentials_check_seconds": "how often the SASL password and TLS files are checked for a change; a "
+    "change rebuilds the Kafka clients in the process after a graceful drain (0: never)",
     "dlq_topic": "dead-letter topic: invalid records and samples the API refused, with the reason in headers",
     "pending_topic": "topic where buffers of fewer than 3 samples are parked until more samples arrive",
     "api_url": "Samples API base URL; batches go to {api_url}/samples",

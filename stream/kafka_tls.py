@@ -15,7 +15,6 @@ which setting is wrong. Here:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import ssl
@@ -23,12 +22,12 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiokafka.conn import collect_hosts
 from aiokafka.helpers import create_ssl_context
 
 from stream.config import Settings, env_name
+from stream.kafka_credentials import CredentialsChanged, changed, fingerprints
 from stream.logs import RateLimited
 
 log = logging.getLogger("stream.kafka")
@@ -329,27 +328,10 @@ async def _answers_without_tls(host: str, port: int, timeout: float) -> bool:
     return True
 
 
-class TlsFilesChanged(Exception):
-    """The TLS files changed on disk while TLS with the brokers failed: the clients hold the old ones, so the
-    service must restart to load them (a Secret fixed in place: Kubernetes updates the mounted files)."""
-
-
-def tls_files_fingerprint(settings: Settings) -> bytes:
-    """A digest of the TLS files' contents (those set), to tell whether they changed since they were loaded."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in (settings.kafka_ssl_cafile, settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile):
-        if path:
-            try:
-                digest.update(Path(path).read_bytes())
-            except OSError as exc:  # a file being swapped: counted as a change, judged again at the next try
-                digest.update(repr(exc).encode())
-        digest.update(b"\0")
-    return digest.digest()
-
-
 async def wait_for_tls(
     settings: Settings,
     stopping: asyncio.Event,
+    loaded: dict[str, bytes] | None = None,
     *,
     first: float = TLS_RETRY_FIRST_SECONDS,
     most: float = TLS_RETRY_MAX_SECONDS,
@@ -358,13 +340,14 @@ async def wait_for_tls(
     the brokers fails. False when `stopping` was set first. A wrong CA must not end in a restart loop saying
     "cannot reach Kafka": the service stays up, logs `kafka_tls_failed` naming the setting, and /readyz says it.
 
-    The probe uses the files as they are now, which is how the clients (built just before) loaded them. Should
-    they change while TLS fails (an operator fixing the Secret), TlsFilesChanged: only a restart loads them.
+    `loaded`: the credential files' fingerprints as the clients (built just before) loaded them; by default,
+    as they are now. Should they change while TLS fails (an operator fixing the Secret), CredentialsChanged: only
+    new clients load them (`stream run` builds them, in the same process).
     """
     if not uses_tls(settings):
         return True
     context = ssl_context(settings)
-    loaded = tls_files_fingerprint(settings)
+    loaded = fingerprints(settings) if loaded is None else loaded
     delay = first
     while not stopping.is_set():
         probe = asyncio.ensure_future(probe_tls(settings, context))
@@ -379,19 +362,11 @@ async def wait_for_tls(
             break
         if probe.result() is None:
             return True
-        if tls_files_fingerprint(settings) != loaded:
-            raise TlsFilesChanged(
-                f"the TLS files ({', '.join(_set_variables(settings))}) changed while TLS with the brokers failed: "
-                "exiting so that a restart loads them"
-            )
+        if moved := changed(loaded, fingerprints(settings)):
+            raise CredentialsChanged(moved, "changed while TLS with the brokers failed")
         try:
             await asyncio.wait_for(stopping.wait(), timeout=delay)
         except TimeoutError:
             pass
         delay = min(delay * 2, most)
     return False
-
-
-def _set_variables(settings: Settings) -> list[str]:
-    return [name for name, path in ((CAFILE, settings.kafka_ssl_cafile), (CERTFILE, settings.kafka_ssl_certfile),
-                                    (KEYFILE, settings.kafka_ssl_keyfile)) if path]

@@ -83,6 +83,16 @@ class Metrics:
         )
         self.rebalances = Counter("stream_rebalances_total", "Partition assignments and revocations", ["kind"],
                                   registry=r)
+        self.assigned_partitions = Gauge(
+            "stream_assigned_partitions",
+            "Partitions this member holds (input and pending topics); 0: an idle standby, ready but with nothing to do",
+            registry=r,
+        )
+        self.kafka_clients_rebuilt = Counter(
+            "stream_kafka_clients_rebuilt_total",
+            "Times the Kafka clients were rebuilt in the process because their credential files changed",
+            registry=r,
+        )
         self.auth_failure = Gauge("stream_api_auth_failure", "1 while the API refuses the token (401/403)",
                                   registry=r)
         self.refusal_storm = Gauge(

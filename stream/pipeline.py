@@ -30,6 +30,7 @@ from stream.deadletter import (
     dead_letter_headers,
 )
 from stream.delivery import Delivery, Exhausted, Final
+from stream.kafka_credentials import CredentialsChanged, CredentialWatch, fingerprints, try_login
 from stream.kafka_tls import tls_problem, wait_for_tls
 from stream.ledger_sync import KafkaLedgerStore, LedgerStore, LedgerSync
 from stream.metrics import Metrics, observe_many
@@ -50,6 +51,8 @@ FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are che
 # before the first assignment): the loop then goes on ticking (timers, commits, a stop request) meanwhile.
 TICK = 0.25
 FETCH_RETRY_SECONDS = 1.0
+CREDENTIALS_RETRY_SECONDS = 30.0  # changed Kafka credential files the brokers refused: tried again this often
+CREDENTIALS_SPREAD_SECONDS = 30.0  # rebuilds for a changed Secret start at a random moment within this
 RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
 PRESSURE_FLUSH_TO = 0.7  # at the memory bound, the fullest buffers are sent until this share would be left
 
@@ -83,6 +86,11 @@ class Pipeline:
             settings.min_batch_max_age_seconds,
         )
         self._sleep = sleep
+        # What the clients below load from the credential files: a change is watched for, and rebuilds them.
+        self._credentials = CredentialWatch.of(settings)
+        self.credentials_changed: CredentialsChanged | None = None  # why run() ended, when it ended for new clients
+        self._try_login = try_login
+        self._random = random.Random()
         self.source = source or KafkaSource(settings, self._on_assigned, self._on_revoked)
         self.writer = writer or KafkaWriter(settings)
         self.sink = sink or SamplesSink(
@@ -124,7 +132,16 @@ class Pipeline:
         self._draining = False
         self._next_commit = 0.0
         self._assigned = False
+        self._rebalancing = False  # between a revoke and the next assignment: every member holds nothing then
+        # A pipeline built after another in this process (new Kafka clients) starts holding no partition and with
+        # no failure: what the old one left in these series would stay frozen (its partitions' lag counted twice,
+        # alerts that never clear). aiokafka's stop does not call the revoke callback that removes them.
+        for series in (self.metrics.lag, self.metrics.committed_offset):
+            series.clear()
+        for flag in (self.metrics.paused, self.metrics.auth_failure, self.metrics.refusal_storm):
+            flag.set(0)
         self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
+        self.metrics.assigned_partitions.set_function(lambda: len(self.tracker.partitions()))
         self.metrics.pending_writes.set_function(lambda: getattr(self.writer, "pending", 0))
         self.metrics.pending_write_bytes.set_function(lambda: getattr(self.writer, "pending_bytes", 0))
         self._stopping = asyncio.Event()
@@ -136,6 +153,8 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        if self._closed:
+            return False, "stopped"
         tls = tls_problem(self.settings)  # first: it is why the rest below fails, and it names the setting to fix
         if tls is not None:
             return False, tls
@@ -148,6 +167,12 @@ class Pipeline:
         if self.delivery.storm:
             return False, ("refusal storm: the API refuses most samples; refused batches are held (not "
                            "dead-lettered), one probe at a time")
+        if self._rebalancing:
+            return True, "ready (rebalancing: partitions revoked, waiting for the new assignment)"
+        if not self.tracker.partitions():
+            # More members than partitions: a healthy member all the same, which takes partitions at the next
+            # rebalance (a member leaving, partitions added). Unready, it would stall every rollout and page.
+            return True, "ready (standby: the group assigned no partition to this member)"
         return True, "ready"
 
     def stop(self) -> None:
@@ -155,17 +180,33 @@ class Pipeline:
         self._stopping.set()
 
     async def run(self) -> None:
-        if not await wait_for_tls(self.settings, self._stopping):  # SSL/SASL_SSL: no client starts while TLS fails
+        # SSL/SASL_SSL: no client starts while TLS fails.
+        if not await wait_for_tls(self.settings, self._stopping, self._credentials.loaded):
             await self._close()  # stopped while waiting: the clients built in __init__ never started
             return
-        await self.sink.start()
-        await self.writer.start()
-        if self.ledger is not None:
-            await self.ledger.ensure()  # before joining the group: a missing or too small topic ends the start
-        await self.source.start()
+        # Raced against a stop request: against brokers that do not answer, a client's start can take longer than
+        # the pod's grace period, and a stop is honoured in every state (a rebuild after a rotation included).
+        starting = asyncio.ensure_future(self._start_clients())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+        if starting.cancelled():
+            self._closed = True
+            with contextlib.suppress(Exception):  # clients half started: closing is all that is left to do
+                await self._close()
+            return
+        starting.result()  # a failed start ends run() with its error (stream run says what it means)
         self._next_commit = self._clock() + self.settings.commit_interval_seconds
         log.info("consuming", extra={"event": "started", "topics": ",".join(self.settings.input_topics)})
         stop = asyncio.ensure_future(self._stopping.wait())
+        watch = None
+        if self._credentials.watching and self.settings.kafka_credentials_check_seconds:
+            watch = asyncio.ensure_future(self._watch_credentials(self.settings.kafka_credentials_check_seconds))
         try:
             while not self._stopping.is_set():
                 await self._step(stop)
@@ -173,12 +214,52 @@ class Pipeline:
         finally:
             self._closed = True
             stop.cancel()
+            if watch is not None:
+                watch.cancel()
             if self._fetch is not None:
                 self._fetch.cancel()
             for task in list(self._deliveries):
                 task.cancel()
             await self._close()
             log.info("stopped", extra={"event": "stopped"})
+
+    async def _start_clients(self) -> None:
+        await self.sink.start()
+        await self.writer.start()
+        if self.ledger is not None:
+            await self.ledger.ensure()  # before joining the group: a missing or too small topic ends the start
+        await self.source.start()
+
+    async def _watch_credentials(self, every: float) -> None:
+        """Look at the Kafka credential files every `every` seconds. Once a change has settled and the brokers
+        accept the new files (a trial login), stop as for a shutdown (drain, commit): `stream run` then builds new
+        clients with them (stream/cli.py). Until the brokers accept them, the clients built from the old files go
+        on: the connections they hold stay logged in."""
+        said: list[str] = []
+        next_try = 0.0
+        while True:
+            await self._sleep(every)
+            variables = self._credentials.look(fingerprints(self.settings))
+            if not variables or self._clock() < next_try:
+                continue
+            why = await self._try_login(self.settings)
+            if why is not None:
+                if variables != said:  # once per change: the brokers may take a while to get the new password
+                    log.warning("Kafka credential files changed, but the brokers do not accept them (yet): going on "
+                                "with the clients built from the old ones; trying again every 30 s",
+                                extra={"event": "kafka_credentials_not_accepted", "variables": ",".join(variables),
+                                       "reason": why})
+                    said = variables
+                next_try = self._clock() + CREDENTIALS_RETRY_SECONDS
+                continue
+            # Every pod sees the same Secret change within the kubelet's sync: spread the rebuilds (each one is a
+            # member leaving and joining) so that the group does not rebalance for all of them at once.
+            await self._sleep(self._random.uniform(0.0, min(CREDENTIALS_SPREAD_SECONDS, 3 * every)))
+            self.credentials_changed = CredentialsChanged(variables)
+            log.warning("Kafka credential files changed: draining, then rebuilding the Kafka clients",
+                        extra={"event": "kafka_credentials_changed", "variables": ",".join(variables)})
+            self.stop()
+            return
 
     async def _close(self) -> None:
         # Each bounded (5 s), side by side: the whole stop stays within the drain timeout + ~10 s.
@@ -610,6 +691,7 @@ class Pipeline:
         if self.source.paused:
             self.source.pause()  # newly assigned partitions wait too while memory is full
         self._assigned = True
+        self._rebalancing = False
         self.metrics.rebalances.labels("assigned").inc()
         log.info("partitions assigned", extra={"event": "assigned", "partitions": _names(assigned)})
 
@@ -622,6 +704,7 @@ class Pipeline:
         if not revoked:  # the client also calls this, with nothing, before its first join
             return
         self._generation += 1
+        self._rebalancing = True
         self.metrics.rebalances.labels("revoked").inc()
         states = {s for tp in revoked if (s := self.tracker.get(tp)) is not None}
         if states:

@@ -563,6 +563,14 @@ class LocalKafka:
         self._signal(signal.SIGKILL)
         self._reap(timeout=10)
 
+    def set_scram_password(self, name: str, password: str) -> None:
+        """Change a SCRAM user's password on the running broker (both mechanisms), as an operator rotating it
+        would. Connections already logged in stay open; every new one needs the new password."""
+        if name not in self.scram_users:
+            raise LocalKafkaError(f"no SCRAM user {name!r} on this broker")
+        self.scram_users[name] = _check_scram_users({name: password})[name]
+        self._alter_scram_users(resolve_kafka(self._cache_dir, self.version), [name])
+
     def restart(self, timeout: float = 90) -> LocalKafka:
         """Clean stop and start again on the same ports with the same data."""
         self._terminate()

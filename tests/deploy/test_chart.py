@@ -99,24 +99,26 @@ def test_config_checksum_changes_when_a_setting_changes(render):
     before = annotations(render([DEFAULT]))
     after = annotations(render([DEFAULT], {"config": {"batchWindowSeconds": 7}}))
     assert after["checksum/config"] != before["checksum/config"]
-    assert after["checksum/secret"] == before["checksum/secret"]
 
 
-def test_secret_checksum_changes_when_a_credential_read_at_start_changes_and_not_for_the_token(render):
-    # The API token is re-read from its file in place: a new token must not roll every pod (each pod replaced
-    # costs the group two rebalances). The SASL password is read at start: a new one must roll them.
-    before = annotations(render([DEFAULT]))
-    token = annotations(render([DEFAULT], {"secret": {"apiToken": "another"}}))
-    assert token == before
-    sasl = {"kafka": {"securityProtocol": "SASL_PLAINTEXT", "sasl": {"username": "u"}}}
-    one_password = annotations(render([DEFAULT], {**sasl, "secret": {"kafkaSaslPassword": "pw"}}))
-    other_password = annotations(render([DEFAULT], {**sasl, "secret": {"kafkaSaslPassword": "pw2"}}))
-    assert other_password["checksum/secret"] != one_password["checksum/secret"]
-    assert other_password["checksum/config"] == one_password["checksum/config"]
-    # Pointing at another existing Secret rolls the pods too.
-    one_secret = annotations(render(values={"existingSecret": "a"}))
-    other_secret = annotations(render(values={"existingSecret": "b"}))
-    assert one_secret["checksum/secret"] != other_secret["checksum/secret"]
+def test_no_credential_rotation_rolls_the_pods(render):
+    # The API token is re-read from its file, and a changed Kafka password, CA or client certificate file
+    # rebuilds the Kafka clients in the process: a new credential must not roll every pod (each pod replaced
+    # costs the group two rebalances).
+    sasl = {"kafka": {"securityProtocol": "SASL_SSL", "sasl": {"username": "u"},
+                      "tls": {"caSecret": {"name": "ca"}, "clientCertSecret": {"name": "client"}}}}
+    before = one(render([DEFAULT], {**sasl, "secret": {"apiToken": "a", "kafkaSaslPassword": "pw"}}), "Deployment")
+    after = one(render([DEFAULT], {**sasl, "secret": {"apiToken": "b", "kafkaSaslPassword": "pw2"}}), "Deployment")
+    assert after["spec"]["template"] == before["spec"]["template"]
+    # The files are whole Secret volumes (never subPath, which the kubelet does not update in place).
+    mounts = after["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert mounts and not any("subPath" in m for m in mounts)
+
+
+def test_pointing_at_another_secret_rolls_the_pods(render):
+    one_secret = one(render(values={"existingSecret": "a"}), "Deployment")["spec"]["template"]
+    other_secret = one(render(values={"existingSecret": "b"}), "Deployment")["spec"]["template"]
+    assert one_secret != other_secret
 
 
 def test_a_chart_version_bump_alone_does_not_roll_the_pods(render):
@@ -144,6 +146,14 @@ def test_replicas_set_without_keda_and_absent_with_it(render):
     scaled = one(docs, "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
     assert scaled["spec"]["maxReplicaCount"] == 12
+
+
+def test_keda_scales_in_small_steps_that_each_cost_one_rebalance(render):
+    # The HPA's default (+100 % or +4 pods every 15 s) would rebalance the whole group every 15 s while it grows.
+    behavior = one(render([KEDA]), "ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] >= 60  # a burst of lag does not scale
+    assert all(p["type"] == "Pods" and p["periodSeconds"] >= 60 for p in behavior["scaleUp"]["policies"])
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
 
 
 def test_keda_triggers_use_the_services_group_and_topics(ci_renders):

@@ -17,10 +17,10 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from stream import config, kafka_tls
+from stream.kafka_credentials import CredentialsChanged
 from stream.kafka_tls import (
     TLS_FAILURE_MEMORY_SECONDS,
     TlsFailure,
-    TlsFilesChanged,
     TlsStatus,
     probe_tls,
     ssl_context,
@@ -274,9 +274,9 @@ async def test_wait_for_tls_goes_on_when_the_brokers_cannot_be_reached_at_all():
     assert await asyncio.wait_for(wait_for_tls(s, asyncio.Event()), 15) is True
 
 
-async def test_wait_for_tls_ends_the_start_when_the_tls_files_change_while_tls_fails(
+async def test_wait_for_tls_asks_for_new_clients_when_the_tls_files_change_while_tls_fails(
         pki: Pki, monkeypatch: pytest.MonkeyPatch):
-    # The clients loaded the files at start: a CA fixed in place (a Secret edited) takes a restart to be used,
+    # The clients loaded the files when built: a CA fixed in place (a Secret edited) takes new clients to be used,
     # and waiting on would end, once the probe passed with the new file, in the clients failing with the old one.
     probes: list[int] = []
 
@@ -290,7 +290,7 @@ async def test_wait_for_tls_ends_the_start_when_the_tls_files_change_while_tls_f
         return TlsFailure("bad", (), "x")
 
     monkeypatch.setattr(kafka_tls, "probe_tls", probe)
-    with pytest.raises(TlsFilesChanged, match=r"STREAM_KAFKA_SSL_CAFILE\) changed while TLS with the brokers failed"):
+    with pytest.raises(CredentialsChanged, match=r"STREAM_KAFKA_SSL_CAFILE\) changed while TLS with the brokers fail"):
         await asyncio.wait_for(
             wait_for_tls(settings(kafka_ssl_cafile=str(pki.ca)), asyncio.Event(), first=0.01, most=0.01), 10)
     assert len(probes) == 2  # the change is seen right after the try that failed, not after another wait

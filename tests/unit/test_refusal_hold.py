@@ -118,6 +118,7 @@ async def test_held_samples_of_a_partition_revoked_meanwhile_are_dropped_not_req
 
 async def test_readyz_reports_a_refusal_storm():
     p, _ = pipeline()
+    p.tracker.assign(TP)
     assert p.ready() == (True, "ready")
     p.delivery.guard.tripped = True
     ready, why = p.ready()

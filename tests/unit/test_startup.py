@@ -82,6 +82,8 @@ async def test_the_port_is_bound_before_the_pipeline_is_built(monkeypatch: pytes
     seen: dict[str, object] = {}
 
     class FakePipeline:
+        credentials_changed = None
+
         def __init__(self, settings, metrics, token):
             with socket.socket() as sock:
                 seen["listening"] = sock.connect_ex(("127.0.0.1", port)) == 0

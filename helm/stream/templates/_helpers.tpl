@@ -37,14 +37,6 @@ app.kubernetes.io/part-of: stream
 {{- end }}
 {{- end }}
 
-{{- /* The SASL password when the chart's own Secret holds it (read only at start, unlike the API token): its
-change must roll the pods. */}}
-{{- define "stream.saslPasswordInChartSecret" -}}
-{{- if and (not .Values.existingSecret) (include "stream.saslEnabled" .) (not .Values.kafka.sasl.passwordSecret.name) -}}
-{{ .Values.secret.kafkaSaslPassword }}
-{{- end -}}
-{{- end }}
-
 {{- define "stream.labels" -}}
 helm.sh/chart: {{ include "stream.chart" . }}
 {{ include "stream.selectorLabels" . }}
@@ -133,13 +125,13 @@ each bounded at 5 s side by side). 0: exactly that minimum. */}}
 {{- fail "keda.enabled needs kafka.topicPartitions (the input topic's partition count): the chart checks keda.maxReplicas against it" }}
 {{- end }}
 {{- if gt (int64 .Values.keda.maxReplicas) $partitions }}
-{{- fail (printf "keda.maxReplicas (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition and never becomes ready. Lower keda.maxReplicas or add partitions." (int64 .Values.keda.maxReplicas) $partitions) }}
+{{- fail (printf "keda.maxReplicas (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition: an idle standby that only adds a member to every rebalance. Lower keda.maxReplicas or add partitions." (int64 .Values.keda.maxReplicas) $partitions) }}
 {{- end }}
 {{- if gt (int64 .Values.keda.minReplicas) (int64 .Values.keda.maxReplicas) }}
 {{- fail (printf "keda.minReplicas (%d) exceeds keda.maxReplicas (%d)" (int64 .Values.keda.minReplicas) (int64 .Values.keda.maxReplicas)) }}
 {{- end }}
 {{- else if and (gt $partitions 0) (gt (int64 .Values.replicaCount) $partitions) }}
-{{- fail (printf "replicaCount (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition and never becomes ready" (int64 .Values.replicaCount) $partitions) }}
+{{- fail (printf "replicaCount (%d) exceeds kafka.topicPartitions (%d): a replica beyond the partition count gets no partition: an idle standby that only adds a member to every rebalance" (int64 .Values.replicaCount) $partitions) }}
 {{- end }}
 {{- if and (not .Values.existingSecret) (not .Values.secret.apiToken) }}
 {{- fail "the API token is missing: set existingSecret (a Secret you manage, key secretKeys.apiToken) or secret.apiToken" }}
