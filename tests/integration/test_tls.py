@@ -26,7 +26,7 @@ from stream.dev.localkafka import BrokerTls, LocalKafka
 from stream.kafka_options import kafka_client_options
 from stream.kafka_tls import tls_problem
 
-from .certs import Pki, write_pki
+from .certs import Material, Pki, issue, make_material, write_pki
 from .conftest import (
     Topics,
     accepted_identities,
@@ -40,6 +40,7 @@ from .conftest import (
     wait_for_group_coordinator,
 )
 from .test_process import expected_identities, free_port, log_tail, start_service, wait_exit
+from .test_rotation import logged, ready, swap_in
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +48,13 @@ USER, PASSWORD = "stream-tls", "tls-pa55word"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return write_pki(tmp_path_factory.mktemp("pki"))
+def material() -> Material:
+    return make_material()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory, material: Material) -> Pki:
+    return write_pki(tmp_path_factory.mktemp("pki"), material)
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +218,45 @@ async def test_ssl_pointed_at_the_plaintext_listener_names_the_address_and_the_p
     assert failure is not None
     assert failure.variables == ("STREAM_KAFKA_BOOTSTRAP_SERVERS", "STREAM_KAFKA_SECURITY_PROTOCOL")
     assert "does not speak TLS" in failure.reason
+
+
+async def test_a_renewed_client_certificate_is_taken_without_a_restart(broker, topics, sandbox, pki, material,
+                                                                       tmp_path):
+    # cert-manager renews the client certificate in place (cert and key in one Secret). First one signed by a CA
+    # the brokers do not trust: a trial login refuses it, and the clients that work go on with the old one.
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki.client_cert.read_bytes())
+    key.write_bytes(pki.client_key.read_bytes())
+    data, sent = WearableData(seed=75), []
+
+    async def deliver_a_round(users: int) -> None:
+        records = data.mixed(users=users, per_user=(3, 12))
+        sent.extend(records)
+        await produce_over_tls(broker.ssl_bootstrap, topics.samples, records, pki.ca)
+        await eventually(lambda: all_done(broker.bootstrap, topics), what="delivery of a round", timeout=90)
+
+    def renew(issued) -> None:
+        swap_in(cert, issued.cert_pem().decode())
+        swap_in(key, issued.key_pem().decode())
+
+    port = free_port()
+    service = start_service(settings_env(make_settings(
+        broker.mtls_bootstrap, topics, sandbox.url, metrics_port=port, kafka_security_protocol="SSL",
+        kafka_ssl_cafile=str(pki.ca), kafka_ssl_certfile=str(cert), kafka_ssl_keyfile=str(key),
+        kafka_credentials_check_seconds=0.5,
+    )))
+    try:
+        await deliver_a_round(10)
+        renew(issue(material.other_ca, "stream", server=False))
+        await eventually(logged(service, "kafka_credentials_not_accepted"), what="the untrusted certificate refused")
+        await deliver_a_round(10)  # still delivering with the clients that work
+        renew(issue(material.ca, "stream", server=False))
+        await eventually(logged(service, "kafka_clients_rebuilding"), what="new clients with the renewed certificate")
+        await eventually(lambda: ready(port), what="ready with the renewed certificate", timeout=90)
+        await deliver_a_round(10)
+        service.send_signal(signal.SIGTERM)
+        assert await wait_exit(service, 60) == 0
+    finally:
+        service.kill()
+    assert sorted(await accepted_identities(sandbox)) == sorted(expected_identities(sent).elements())
+    assert log_tail(service, None).count('"event":"kafka_clients_rebuilding"') == 1
