@@ -8,6 +8,13 @@ older than `max_age` (wall clock since the sample was first seen, kept across pa
 be dead-lettered instead. Every sample is aged by its own birth: a fresh sample that joins a tail about
 to expire is parked again, not expired with it.
 
+A tail that came back from the pending topic (every sample of it read from there: `rests` says which sources
+those are) is not parked again at the end of its hold: it **rests** in memory, joined by the key's next samples
+as soon as they arrive, until it expires, is taken (revoke, shutdown) or the resting tails exceed `max_resting`
+samples, when the ones resting longest are parked first. Its samples' pending-topic offsets stay unacknowledged
+meanwhile: only the pending topic's own commit waits, and a replay of it after a crash is what should happen.
+Without it, a lonely tail went round the pending topic once per hold (2,880 records a day).
+
 Two copies of one sample (byte-identical after validation: a producer's re-send, a parked copy meeting
 its original) never go out together: the copy rides along as a twin and shares its original's fate.
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 import heapq
 import struct
 from collections import deque
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -99,17 +107,18 @@ def _size(buffer: _Buffer) -> int:
 class _Buffer(bytearray):
     """One key's buffered samples, packed (a bytearray: one object for all of them)."""
 
-    __slots__ = ("count", "key", "since", "source")
+    __slots__ = ("count", "key", "rest_until", "since", "source")
 
     key: Key
     since: float  # monotonic time the oldest buffered sample arrived (window and hold)
     count: int  # samples packed
     source: int  # index of the source every sample comes from, or _MIXED
+    rest_until: float  # while it rests: the wall time its oldest sample expires; else 0
 
 
 def _new_buffer(key: Key, since: float, source: int) -> _Buffer:
     buffer = _Buffer()
-    buffer.key, buffer.since, buffer.count, buffer.source = key, since, 0, source
+    buffer.key, buffer.since, buffer.count, buffer.source, buffer.rest_until = key, since, 0, source, 0.0
     return buffer
 
 
@@ -139,13 +148,22 @@ def plan_take(n: int, max_samples: int) -> int:
 
 
 class Batcher:
-    def __init__(self, max_samples: int, window: float, hold: float, max_age: float) -> None:
+    def __init__(self, max_samples: int, window: float, hold: float, max_age: float,
+                 rests: Callable[[Any], bool] | None = None, max_resting: int = 0) -> None:
+        """`rests`: whether samples from a source may rest in memory past their hold (the pending topic's);
+        `max_resting`: at most this many resting samples (0: none rests)."""
         if not MIN_SAMPLES <= max_samples <= 1000:
             raise ValueError("max_samples must be within 3..1000")
         self.max_samples = max_samples
         self.window = window
         self.hold = hold
         self.max_age = max_age
+        self._rests = rests
+        self.max_resting = max_resting if rests is not None else 0
+        self._restable: set[int] = set()  # indices of the sources whose samples may rest
+        self._resting: dict[Key, _Buffer] = {}  # resting tails, the longest resting first
+        self._resting_samples = 0
+        self._expiry: list[tuple[float, int, _Buffer]] = []  # (rest_until, tie-breaker, buffer): resting tails
         self._buffers: dict[Key, _Buffer] = {}
         self._window_queue: deque[_Buffer] = deque()  # due at since + window, in creation order
         self._hold_queue: deque[_Buffer] = deque()  # still below 3 at their window: due at since + hold
@@ -223,6 +241,10 @@ class Batcher:
             del self._buffers[key]  # its deadline queue entry is skipped: not the key's live buffer
 
     def _added(self, key: Key, buffer: _Buffer, samples: int, now: float) -> None:
+        if buffer.rest_until:
+            self._wake(buffer)
+            if buffer.count + samples < MIN_SAMPLES:  # still a tail: the newcomers get their own hold
+                self._look_again(buffer, now, now + self.hold)
         buffer.count += samples
         self._samples += samples
         if key in self._in_flight:
@@ -293,15 +315,15 @@ class Batcher:
                 break
         return ready
 
-    def take_small(self, keys: set[Key] | None = None) -> list[Small]:
-        """Every idle buffer of 1-2 samples, of all keys or of `keys` (at shutdown: they get parked rather
-        than held in memory)."""
+    def take_small(self, keys: set[Key] | None = None, resting_only: bool = False) -> list[Small]:
+        """Every idle buffer of 1-2 samples (or only the resting ones), of all keys or of `keys` (at shutdown
+        and revoke: they get parked rather than held in memory)."""
         out = []
         candidates = list(self._buffers.items()) if keys is None else [
             (k, b) for k in keys if (b := self._buffers.get(k)) is not None
         ]
         for key, buffer in candidates:
-            if buffer.count < MIN_SAMPLES and key not in self._in_flight:
+            if buffer.count < MIN_SAMPLES and key not in self._in_flight and (buffer.rest_until or not resting_only):
                 out.append(self._remove(key, buffer))
         return out
 
@@ -336,6 +358,8 @@ class Batcher:
             else:
                 continue
             dropped += buffer.count - len(kept)
+            if buffer.rest_until:
+                self._wake(buffer)
             self._repack(buffer, kept)
             if not kept:
                 del self._buffers[key]  # done() copes with a key whose buffer is gone
@@ -373,12 +397,22 @@ class Batcher:
         return len(self._in_flight)
 
     @property
+    def resting_samples(self) -> int:
+        """Samples of tails resting in memory (counted in `buffered_samples` too)."""
+        return self._resting_samples
+
+    @property
+    def resting_tails(self) -> int:
+        return len(self._resting)
+
+    @property
     def has_ready(self) -> bool:
         return bool(self._ready)
 
     def oldest_since(self) -> float | None:
-        """When the oldest buffered sample arrived (O(buffers): for a scrape, not for the hot path)."""
-        return min((b.since for b in self._buffers.values()), default=None)
+        """When the oldest buffered sample arrived, resting tails aside (they wait for their user by design; a
+        scrape's figure, O(buffers))."""
+        return min((b.since for b in self._buffers.values() if not b.rest_until), default=None)
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -388,6 +422,8 @@ class Batcher:
             index = self._index_of[source] = self._next_source
             self._sources[index] = source
             self._next_source += 1
+            if self._rests is not None and self._rests(source):
+                self._restable.add(index)
         return index
 
     def _pack_entries(self, buffer: _Buffer, entries: list[Entry]) -> None:
@@ -436,6 +472,12 @@ class Batcher:
             buffer = hold_queue.popleft()
             if self._is_idle(buffer):
                 self._settle_small(buffer, wall, work)
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= wall:
+            until, _, buffer = heapq.heappop(expiry)
+            if buffer.rest_until == until and self._buffers.get(buffer.key) is buffer:
+                self._wake(buffer)  # its oldest sample is too old now: expired (a fresher one may rest again)
+                self._settle_small(buffer, wall, work)
         while recheck and recheck[0][0] <= now:
             buffer = heapq.heappop(recheck)[2]
             if not self._is_idle(buffer):
@@ -448,8 +490,10 @@ class Batcher:
                 self._look_again(buffer, now)
 
     def _is_idle(self, buffer: _Buffer) -> bool:
-        """Still the key's live buffer, and not waiting for a batch of its key (done() looks at it then)."""
-        return self._buffers.get(buffer.key) is buffer and buffer.key not in self._in_flight
+        """Still the key's live buffer, not resting (its expiry looks at it then), and not waiting for a batch of
+        its key (done() looks at it then)."""
+        return (self._buffers.get(buffer.key) is buffer and buffer.key not in self._in_flight
+                and not buffer.rest_until)
 
     def _settle_small(self, buffer: _Buffer, wall: float, work: Work) -> None:
         """A buffer whose hold is over: sendable after all, empty, or handed out to be parked or expired."""
@@ -457,6 +501,8 @@ class Batcher:
             self._ready.setdefault(buffer.key, "window")
         elif not buffer.count:
             del self._buffers[buffer.key]
+        elif self._may_rest(buffer, wall):
+            self._rest(buffer, wall, work)
         else:
             small = self._remove(buffer.key, buffer)
             oldest = wall - self.max_age
@@ -468,11 +514,47 @@ class Batcher:
                 work.expire.append(_small([e for e in small.entries if e.born <= oldest], small))
                 work.park.append(_small([e for e in small.entries if e.born > oldest], small))
 
-    def _look_again(self, buffer: _Buffer, now: float) -> None:
-        """Have a buffer looked at again at its next deadline (the window, else the hold)."""
-        when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
+    def _look_again(self, buffer: _Buffer, now: float, when: float | None = None) -> None:
+        """Have a buffer looked at again at `when`, by default its next deadline (the window, else the hold)."""
+        if when is None:
+            when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
         self._rechecks += 1
         heapq.heappush(self._recheck, (when, self._rechecks, buffer))
+
+    # -- resting tails --------------------------------------------------------------------------------
+
+    def _may_rest(self, buffer: _Buffer, wall: float) -> bool:
+        """A tail whose every sample came back from the pending topic, none of them expired yet."""
+        if not self.max_resting or buffer.count > self.max_resting:
+            return False
+        if buffer.source != _MIXED:
+            if buffer.source not in self._restable:
+                return False
+            entries = None
+        else:
+            entries = self._unpack(buffer)
+            if any(self._index_of[e.source] not in self._restable for e in entries):
+                return False
+        oldest = min(e.born for e in (entries or self._unpack(buffer)))
+        return oldest > wall - self.max_age
+
+    def _rest(self, buffer: _Buffer, wall: float, work: Work) -> None:
+        """Keep a tail in memory, its pending offsets unacknowledged, until it is joined, expires or is taken;
+        the tails resting longest are parked first to make room."""
+        while self._resting_samples + buffer.count > self.max_resting:
+            key, longest = next(iter(self._resting.items()))
+            work.park.append(self._remove(key, longest))
+        buffer.rest_until = min(e.born for e in self._unpack(buffer)) + self.max_age
+        self._resting[buffer.key] = buffer
+        self._resting_samples += buffer.count
+        self._rechecks += 1
+        heapq.heappush(self._expiry, (buffer.rest_until, self._rechecks, buffer))
+
+    def _wake(self, buffer: _Buffer) -> None:
+        """A resting tail leaves the resting set (joined, expiring, taken or cut by a revoke)."""
+        del self._resting[buffer.key]
+        self._resting_samples -= buffer.count
+        buffer.rest_until = 0.0
 
     def _take_batch(self, key: Key, reason: str, work: Work) -> Batch | None:
         buffer = self._buffers.get(key)
@@ -529,6 +611,8 @@ class Batcher:
         return going
 
     def _remove(self, key: Key, buffer: _Buffer) -> Small:
+        if buffer.rest_until:
+            self._wake(buffer)
         del self._buffers[key]
         self._ready.pop(key, None)
         entries, twins = split_twins(sorted(self._unpack(buffer), key=_by_start))

@@ -88,6 +88,11 @@ class Metrics:
             "Partitions this member holds (input and pending topics); 0: an idle standby, ready but with nothing to do",
             registry=r,
         )
+        self.resting_tails = Gauge(
+            "stream_resting_tails",
+            "Tails of 1-2 samples read back from the pending topic, resting in memory until their user's next samples",
+            registry=r,
+        )
         self.kafka_clients_rebuilt = Counter(
             "stream_kafka_clients_rebuilt_total",
             "Times the Kafka clients were rebuilt in the process because their credential files changed",

@@ -161,6 +161,11 @@ class PartitionOffsets:
     def pending(self) -> int:
         return len(self._offsets) - self._done
 
+    @property
+    def fetched(self) -> int | None:
+        """The offset after the highest one tracked (where reading goes on), or None before any record."""
+        return None if self._seen is None else self._seen + 1
+
 
 class OffsetTracker:
     """The live PartitionOffsets of the partitions this consumer holds now."""

@@ -79,11 +79,18 @@ class Pipeline:
         self._clock = clock
         self._wall = wall
         self.tracker = OffsetTracker()
+        pending = settings.pending_topic
         self.batcher = Batcher(
             settings.batch_max_samples,
             settings.batch_window_seconds,
             settings.min_batch_hold_seconds,
             settings.min_batch_max_age_seconds,
+            # A tail read back from the pending topic rests in memory instead of going round it once per hold;
+            # resting tails take at most half the buffer bound (the ones resting longest are parked beyond it).
+            # Only with the ledger on: a crash replays the pending topic from the oldest resting tail, and the
+            # ledger is what keeps the samples accepted since from going out again.
+            rests=lambda state: state.tp.topic == pending,
+            max_resting=settings.max_buffered_samples // 2 if settings.ledger == "on" else 0,
         )
         self._sleep = sleep
         # What the clients below load from the credential files: a change is watched for, and rebuilds them.
@@ -142,6 +149,7 @@ class Pipeline:
             flag.set(0)
         self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
         self.metrics.assigned_partitions.set_function(lambda: len(self.tracker.partitions()))
+        self.metrics.resting_tails.set_function(lambda: self.batcher.resting_tails)
         self.metrics.pending_writes.set_function(lambda: getattr(self.writer, "pending", 0))
         self.metrics.pending_write_bytes.set_function(lambda: getattr(self.writer, "pending_bytes", 0))
         self._stopping = asyncio.Event()
@@ -711,7 +719,12 @@ class Pipeline:
             started = self._clock()
             # Batches of theirs asleep in backoff would not finish in time anyway: the new owner sends them.
             self._cancel_deliveries_of(states, sleeping_only=True)
-            self.batcher.flush_keys(self.batcher.keys_with_sources(states), "revoke")
+            keys = self.batcher.keys_with_sources(states)
+            # Resting tails hold their pending partition's commit back: parked anew, so that the commit moves on
+            # and the partition's next owner does not read again what was done since.
+            for small in self.batcher.take_small(keys, resting_only=True):
+                self._park(small)
+            self.batcher.flush_keys(keys, "revoke")
             self._dispatch()
             if not await self._wait_for_work(self.settings.revoke_timeout_seconds, only=states):
                 # What was accepted above the commit is read again by the partitions' next owner.
@@ -799,7 +812,11 @@ class Pipeline:
         for tp in self.tracker.partitions():
             state = self.tracker.get(tp)
             end = self.source.highwater(tp)
-            done = state.committable() if state is not None else None
+            if state is None:
+                continue
+            # The pending topic's commit waits for tails resting in memory (up to their max age): its lag is what
+            # has not been read yet, or it would count every resting tail's record and all those after it.
+            done = state.fetched if tp.topic == self.settings.pending_topic else state.committable()
             if end is not None and done is not None:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
 

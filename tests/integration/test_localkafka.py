@@ -28,6 +28,8 @@ from stream.dev.localkafka import (
     resolve_kafka,
 )
 
+from .conftest import eventually
+
 pytestmark = pytest.mark.integration
 
 USERS = {"alice": "alice-secret", "bob": "b0b=pa:ss!"}
@@ -114,11 +116,21 @@ def _consumer(bootstrap: str, topic: str, group: str | None = None, **client) ->
 
 async def _committed_after_reconnect(bootstrap: str, topic: str, group: str) -> tuple[int | None, bytes]:
     """The group's committed offset on partition 0, and the record a consumer resumes at."""
+    # Right after a restart the group coordinator may still be loading the offsets topic: committed() answers None
+    # then, and a consumer that starts fetching meanwhile may fall back to its reset policy. So wait until the
+    # coordinator gives the group's offset, then see where a consumer resumes.
+    probe = _consumer(bootstrap, topic, group)
+    await probe.start()
+    try:
+        async def loaded() -> bool:
+            return await probe.committed(TopicPartition(topic, 0)) is not None
+
+        await eventually(loaded, timeout=60, what="the group coordinator to load the committed offsets")
+    finally:
+        await probe.stop()
     consumer = _consumer(bootstrap, topic, group)
     await consumer.start()
     try:
-        # Read first: right after a restart the group coordinator may still be loading the offsets topic, and
-        # committed() asked that early answers None; the fetch waits for the coordinator.
         (next_value,) = await _read(consumer, 1)
         committed = await consumer.committed(TopicPartition(topic, 0))
         return committed, next_value
