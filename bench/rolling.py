@@ -296,12 +296,12 @@ ROWS = (
 )
 
 
-def table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """A plain table: one row per figure, one column per run."""
-    width = max(len(label) for label, _, _ in ROWS) + 2
+def table(runs: Sequence[tuple[str, dict[str, Any]]], rows: Sequence[tuple[str, str, str]] = ROWS) -> str:
+    """A plain table: one row per figure (label, key, format), one column per run."""
+    width = max(len(label) for label, _, _ in rows) + 2
     cols = [max(12, len(name) + 2) for name, _ in runs]
     lines = ["".ljust(width) + "".join(name.rjust(c) for (name, _), c in zip(runs, cols, strict=True))]
-    for label, key, fmt in ROWS:
+    for label, key, fmt in rows:
         cells = []
         for (_, result), c in zip(runs, cols, strict=True):
             value = result.get(key)
@@ -482,6 +482,30 @@ class Run:
     accepted_now: int = 0
 
 
+async def start_sandbox() -> tuple[asyncio.subprocess.Process, str]:
+    """The sandbox API in a subprocess of its own (`_sandbox` below), once it listens: (process, its URL)."""
+    port = free_port()
+    sandbox = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.rolling", "_sandbox", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, env=child_env(str(ROOT)), cwd=ROOT,
+    )  # fmt: skip
+    assert sandbox.stdout is not None
+    await asyncio.wait_for(sandbox.stdout.readline(), 30)
+    return sandbox, f"http://127.0.0.1:{port}"
+
+
+async def stop_helpers(helpers: Sequence[asyncio.subprocess.Process]) -> None:
+    """SIGTERM each helper still running, SIGKILL after 20 s."""
+    for helper in helpers:
+        if helper.returncode is None:
+            helper.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(helper.wait(), 20)
+            except TimeoutError:
+                helper.kill()
+                await helper.wait()
+
+
 def free_port() -> int:
     import socket
 
@@ -624,15 +648,8 @@ class Scenario:
         tasks: list[asyncio.Task[None]] = []
         self.produced_final: int | None = None
         try:
-            sandbox_port = free_port()
-            self.sandbox_url = f"http://127.0.0.1:{sandbox_port}"
-            sandbox = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.rolling", "_sandbox", "--port", str(sandbox_port),
-                stdout=asyncio.subprocess.PIPE, env=child_env(str(ROOT)), cwd=ROOT,
-            )  # fmt: skip
+            sandbox, self.sandbox_url = await start_sandbox()
             helpers.append(sandbox)
-            assert sandbox.stdout is not None
-            await asyncio.wait_for(sandbox.stdout.readline(), 30)
             tasks.append(asyncio.create_task(self.sample()))
 
             self.members = [await self.spawn_member(i, 0) for i in range(args.replicas)]
@@ -688,14 +705,7 @@ class Scenario:
                 if member.process.returncode is None:
                     member.process.kill()
                     await member.process.wait()
-            for helper in helpers:
-                if helper.returncode is None:
-                    helper.send_signal(signal.SIGTERM)
-                    try:
-                        await asyncio.wait_for(helper.wait(), 20)
-                    except TimeoutError:
-                        helper.kill()
-                        await helper.wait()
+            await stop_helpers(helpers)
             await self.http.close()
 
         every = self.retired + self.members

@@ -44,6 +44,9 @@ from typing import Any, NamedTuple
 import msgspec
 
 MIN_SAMPLES = 3  # the API refuses a request with fewer samples
+# A tail rests at most this long before it is parked anew (8 pending records a day): the pending partition's
+# commit, what a crash replays of it, and the offsets tracked meanwhile stay bounded to a few hours.
+MAX_REST_SECONDS = 3 * 3600.0
 
 Key = tuple[str, str]  # (user_id, data_type)
 
@@ -149,15 +152,20 @@ def plan_take(n: int, max_samples: int) -> int:
 
 class Batcher:
     def __init__(self, max_samples: int, window: float, hold: float, max_age: float,
-                 rests: Callable[[Any], bool] | None = None, max_resting: int = 0) -> None:
+                 rests: Callable[[Any], bool] | None = None, max_resting: int = 0,
+                 catch_up_window: float | None = None) -> None:
         """`rests`: whether samples from a source may rest in memory past their hold (the pending topic's);
-        `max_resting`: at most this many resting samples (0: none rests)."""
+        `max_resting`: at most this many resting samples (0: none rests); `catch_up_window`: the window while
+        `catching_up` (default: the window)."""
         if not MIN_SAMPLES <= max_samples <= 1000:
             raise ValueError("max_samples must be within 3..1000")
         self.max_samples = max_samples
         self.window = window
         self.hold = hold
         self.max_age = max_age
+        self.catch_up_window = max(window, catch_up_window or window)
+        self._catching_up = False
+        self._window = window  # the window in force: `window`, or `catch_up_window` while catching up
         self._rests = rests
         self.max_resting = max_resting if rests is not None else 0
         self._restable: set[int] = set()  # indices of the sources whose samples may rest
@@ -181,6 +189,23 @@ class Batcher:
         self._sources: dict[int, Any] = {}
         self._index_of: dict[Any, int] = {}
         self._next_source = 0
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catching_up
+
+    def set_catching_up(self, value: bool, now: float) -> None:
+        """While the service is behind (a backlog), buffers wait up to the catch-up window rather than the window:
+        with many keys, each buffer gets a sample now and then, and leaving at the window made requests of a
+        few samples. They still leave when full and, the fullest first, when memory is needed. Once caught up,
+        what waited past the window leaves at the next poll."""
+        self._catching_up = value
+        self._window = self.catch_up_window if value else self.window
+        if not value:  # those waiting in the recheck heap for the catch-up window too
+            for key, buffer in self._buffers.items():
+                if (buffer.count >= MIN_SAMPLES and now >= buffer.since + self.window
+                        and key not in self._in_flight and not buffer.rest_until):
+                    self._ready.setdefault(key, "window")
 
     # -- intake ---------------------------------------------------------------------------------------
 
@@ -252,7 +277,7 @@ class Batcher:
         size = buffer.count
         if size >= self.max_samples:
             self._ready[key] = "full"
-        elif size >= MIN_SAMPLES and now >= buffer.since + self.window:
+        elif size >= MIN_SAMPLES and now >= buffer.since + self._window:
             # Its window timer already fired while it was too small to send; it can go now.
             self._ready.setdefault(key, "window")
 
@@ -280,7 +305,7 @@ class Batcher:
         size = buffer.count
         if size >= self.max_samples:
             self._ready[key] = "full"
-        elif size >= MIN_SAMPLES and (self._flush_reason or now >= buffer.since + self.window):
+        elif size >= MIN_SAMPLES and (self._flush_reason or now >= buffer.since + self._window):
             self._ready[key] = self._flush_reason or "window"
         else:
             self._look_again(buffer, now)
@@ -344,6 +369,9 @@ class Batcher:
                 if buffer is None:
                     buffer = self._buffers[key] = _new_buffer(key, now, self._source_index(orphans[0].source))
                     self._look_again(buffer, now)
+                elif buffer.rest_until:  # a sample of its own now, from wherever: looked at afresh
+                    self._wake(buffer)
+                    self._look_again(buffer, now, now + self.hold)
                 self._pack_entries(buffer, orphans)
                 buffer.count += len(orphans)
         gone = {index for source in sources if (index := self._index_of.get(source)) is not None}
@@ -460,8 +488,8 @@ class Batcher:
         return out
 
     def _fire_timers(self, now: float, wall: float, work: Work) -> None:
-        window_queue, hold_queue, recheck = self._window_queue, self._hold_queue, self._recheck
-        while window_queue and window_queue[0].since + self.window <= now:
+        window_queue, hold_queue, recheck, window = self._window_queue, self._hold_queue, self._recheck, self._window
+        while window_queue and window_queue[0].since + window <= now:
             buffer = window_queue.popleft()
             if self._is_idle(buffer):
                 if buffer.count >= MIN_SAMPLES:
@@ -476,15 +504,17 @@ class Batcher:
         while expiry and expiry[0][0] <= wall:
             until, _, buffer = heapq.heappop(expiry)
             if buffer.rest_until == until and self._buffers.get(buffer.key) is buffer:
-                self._wake(buffer)  # its oldest sample is too old now: expired (a fresher one may rest again)
-                self._settle_small(buffer, wall, work)
+                # Its oldest sample expired (dead-lettered; a fresher one is parked), or it rested its longest:
+                # parked anew, so that the pending partition's commit moves on.
+                self._wake(buffer)
+                self._settle_small(buffer, wall, work, may_rest=False)
         while recheck and recheck[0][0] <= now:
             buffer = heapq.heappop(recheck)[2]
             if not self._is_idle(buffer):
                 continue
-            if buffer.count >= MIN_SAMPLES:
+            if buffer.count >= MIN_SAMPLES and now >= buffer.since + window:
                 self._ready.setdefault(buffer.key, "window")
-            elif now >= buffer.since + self.hold:
+            elif buffer.count < MIN_SAMPLES and now >= buffer.since + max(window, self.hold):
                 self._settle_small(buffer, wall, work)
             else:
                 self._look_again(buffer, now)
@@ -495,13 +525,14 @@ class Batcher:
         return (self._buffers.get(buffer.key) is buffer and buffer.key not in self._in_flight
                 and not buffer.rest_until)
 
-    def _settle_small(self, buffer: _Buffer, wall: float, work: Work) -> None:
-        """A buffer whose hold is over: sendable after all, empty, or handed out to be parked or expired."""
+    def _settle_small(self, buffer: _Buffer, wall: float, work: Work, may_rest: bool = True) -> None:
+        """A buffer whose hold is over: sendable after all, empty, resting, or handed out to be parked or
+        expired."""
         if buffer.count >= MIN_SAMPLES:
             self._ready.setdefault(buffer.key, "window")
         elif not buffer.count:
             del self._buffers[buffer.key]
-        elif self._may_rest(buffer, wall):
+        elif may_rest and self._may_rest(buffer, wall):
             self._rest(buffer, wall, work)
         else:
             small = self._remove(buffer.key, buffer)
@@ -517,15 +548,20 @@ class Batcher:
     def _look_again(self, buffer: _Buffer, now: float, when: float | None = None) -> None:
         """Have a buffer looked at again at `when`, by default its next deadline (the window, else the hold)."""
         if when is None:
-            when = buffer.since + (self.window if now < buffer.since + self.window else self.hold)
+            window = self._window
+            if buffer.count >= MIN_SAMPLES or now < buffer.since + window:
+                when = buffer.since + window
+            else:
+                when = buffer.since + max(window, self.hold)
         self._rechecks += 1
         heapq.heappush(self._recheck, (when, self._rechecks, buffer))
 
     # -- resting tails --------------------------------------------------------------------------------
 
     def _may_rest(self, buffer: _Buffer, wall: float) -> bool:
-        """A tail whose every sample came back from the pending topic, none of them expired yet."""
-        if not self.max_resting or buffer.count > self.max_resting:
+        """A tail whose every sample came back from the pending topic, none of them expired yet, with no copy
+        set aside (a copy may come from the input, whose offset must not wait beyond the hold)."""
+        if not self.max_resting or buffer.count > self.max_resting or buffer.key in self._twins:
             return False
         if buffer.source != _MIXED:
             if buffer.source not in self._restable:
@@ -544,11 +580,14 @@ class Batcher:
         while self._resting_samples + buffer.count > self.max_resting:
             key, longest = next(iter(self._resting.items()))
             work.park.append(self._remove(key, longest))
-        buffer.rest_until = min(e.born for e in self._unpack(buffer)) + self.max_age
+        buffer.rest_until = min(min(e.born for e in self._unpack(buffer)) + self.max_age, wall + MAX_REST_SECONDS)
         self._resting[buffer.key] = buffer
         self._resting_samples += buffer.count
         self._rechecks += 1
         heapq.heappush(self._expiry, (buffer.rest_until, self._rechecks, buffer))
+        if len(self._expiry) > 2 * len(self._resting) + 1024:  # entries of tails no longer resting: rebuilt
+            self._expiry = [(b.rest_until, i, b) for i, b in enumerate(self._resting.values())]
+            heapq.heapify(self._expiry)
 
     def _wake(self, buffer: _Buffer) -> None:
         """A resting tail leaves the resting set (joined, expiring, taken or cut by a revoke)."""

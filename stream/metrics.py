@@ -88,6 +88,17 @@ class Metrics:
             "Partitions this member holds (input and pending topics); 0: an idle standby, ready but with nothing to do",
             registry=r,
         )
+        self.backlog = Gauge(
+            "stream_input_backlog_records",
+            "Records of the input topics not fetched yet (the brokers' end offsets minus what was fetched)",
+            registry=r,
+        )
+        self.catching_up = Gauge(
+            "stream_catching_up",
+            "1 while behind on the input by half the buffer bound or more: buffers fill rather than leave at their "
+            "window",
+            registry=r,
+        )
         self.resting_tails = Gauge(
             "stream_resting_tails",
             "Tails of 1-2 samples read back from the pending topic, resting in memory until their user's next samples",

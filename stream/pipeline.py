@@ -51,6 +51,8 @@ FETCH_TIMEOUT = 0.1  # seconds: also the tick at which windows and holds are che
 # before the first assignment): the loop then goes on ticking (timers, commits, a stop request) meanwhile.
 TICK = 0.25
 FETCH_RETRY_SECONDS = 1.0
+CATCH_UP_WINDOW_SECONDS = 60.0  # while behind on a backlog, buffers wait this long (at most) instead of the window
+CATCH_UP_CHECK_SECONDS = 1.0
 CREDENTIALS_RETRY_SECONDS = 30.0  # changed Kafka credential files the brokers refused: tried again this often
 CREDENTIALS_SPREAD_SECONDS = 30.0  # rebuilds for a changed Secret start at a random moment within this
 RESUME_AT = 0.8  # fetching resumes when held samples fall below this share of STREAM_MAX_BUFFERED_SAMPLES
@@ -91,7 +93,9 @@ class Pipeline:
             # ledger is what keeps the samples accepted since from going out again.
             rests=lambda state: state.tp.topic == pending,
             max_resting=settings.max_buffered_samples // 2 if settings.ledger == "on" else 0,
+            catch_up_window=CATCH_UP_WINDOW_SECONDS,
         )
+        self._next_catch_up_check = 0.0
         self._sleep = sleep
         # What the clients below load from the credential files: a change is watched for, and rebuilds them.
         self._credentials = CredentialWatch.of(settings)
@@ -145,7 +149,8 @@ class Pipeline:
         # alerts that never clear). aiokafka's stop does not call the revoke callback that removes them.
         for series in (self.metrics.lag, self.metrics.committed_offset):
             series.clear()
-        for flag in (self.metrics.paused, self.metrics.auth_failure, self.metrics.refusal_storm):
+        for flag in (self.metrics.paused, self.metrics.auth_failure, self.metrics.refusal_storm,
+                     self.metrics.catching_up):
             flag.set(0)
         self.metrics.oldest_buffered.set_function(self._oldest_buffered_age)
         self.metrics.assigned_partitions.set_function(lambda: len(self.tracker.partitions()))
@@ -286,6 +291,9 @@ class Pipeline:
                 continue
             self.metrics.records.labels(tp.topic).inc(len(records))
             self._ingest(state, records, now, wall)
+        if now >= self._next_catch_up_check:
+            self._judge_catch_up()
+            self._next_catch_up_check = now + CATCH_UP_CHECK_SECONDS
         self._dispatch()
         self._apply_backpressure()
         if self.ledger is not None:
@@ -359,6 +367,33 @@ class Pipeline:
             self.source.resume()
             self.metrics.paused.set(0)
             log.info("fetching resumed", extra={"event": "backpressure_off", "held": held})
+
+    def _judge_catch_up(self) -> None:
+        """Behind on the input topics by half the buffer bound or more (a backlog: a restart after an outage, a
+        new deployment reading a topic from its start): buffers fill instead of leaving at their window, since
+        with many keys each gets a sample now and then and the window made requests of a few samples
+        (Batcher.catching_up). Caught up below a sixteenth of the bound (at least a poll's worth): the window
+        applies at once."""
+        backlog = 0
+        for tp in self.tracker.partitions():
+            if tp.topic == self.settings.pending_topic:
+                continue
+            state, end = self.tracker.get(tp), self.source.highwater(tp)
+            fetched = state.fetched if state is not None else None
+            if end is not None and fetched is not None:
+                backlog += max(0, end - fetched)
+        self.metrics.backlog.set(backlog)
+        bound = self.settings.max_buffered_samples
+        if not self.batcher.catching_up and backlog >= bound // 2:
+            self.batcher.set_catching_up(True, self._clock())
+            self.metrics.catching_up.set(1)
+            log.info("catching up on a backlog: buffers fill up to the catch-up window",
+                     extra={"event": "catching_up", "backlog": backlog})
+        elif self.batcher.catching_up and backlog <= max(self.settings.kafka_max_poll_records, bound // 16):
+            self.batcher.set_catching_up(False, self._clock())
+            self.metrics.catching_up.set(0)
+            log.info("caught up: buffers leave at their window again", extra={"event": "caught_up",
+                                                                               "backlog": backlog})
 
     # -- intake ---------------------------------------------------------------------------------------
 

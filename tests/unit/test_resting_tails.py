@@ -31,7 +31,7 @@ def back_from_pending(b: Batcher, key=KEY, n: int = 1, now: float = 0.0, born: f
 def test_a_tail_read_back_from_the_pending_topic_rests_instead_of_being_parked_again():
     b = resting_batcher()
     back_from_pending(b, n=2)
-    for now in (WINDOW, HOLD, HOLD + 3600, 20 * 3600):  # hours pass: nothing is written, nothing leaves
+    for now in (WINDOW, HOLD, HOLD + 3600, HOLD + 2 * 3600):  # hours pass: nothing is written, nothing leaves
         work = poll(b, now)
         assert (work.park, work.expire, work.batches) == ([], [], [])
     assert (b.resting_tails, b.resting_samples, b.buffered_samples) == (1, 2, 2)
@@ -143,3 +143,46 @@ def test_every_sample_is_buffered_resting_or_handed_out_exactly_once(adds, max_r
     out += [e for small in b.take_small() for e in small.entries]
     assert {(e.source, e.offset) for e in out} == {(e.source, e.offset) for e in put} and len(out) == len(put)
     assert (b.buffered_samples, b.resting_samples, b.resting_tails) == (0, 0, 0)
+
+
+def test_a_tail_with_a_copy_from_the_input_is_parked_not_rested():
+    # A crash after a tail was parked but before the input was committed: the replay brings the parked record
+    # and the input record again. The input copy's offset must not wait for the tail (up to its max age).
+    b = resting_batcher()
+    tail = back_from_pending(b, n=2)
+    copies = [Entry(e.start, e.body, INPUT, e.offset + 1_000_000, e.timestamp, e.born) for e in tail]
+    b.add(KEY, copies, 0.0)
+    parked, = poll(b, HOLD).park + poll(b, HOLD + 1).park  # the copies are set aside at the window first
+    assert len(parked.entries) == 2 and len(parked.twins) == 2  # the copies go along: acknowledged with it
+    assert b.resting_tails == 0
+
+
+def test_a_tail_rests_at_most_a_few_hours_then_is_parked_anew():
+    # The pending partition's commit (and what a crash replays of it) moves on at least every MAX_REST_SECONDS.
+    from stream.batching import MAX_REST_SECONDS
+
+    b = resting_batcher()
+    back_from_pending(b, n=2, born=0.0)
+    assert poll(b, HOLD, wall=HOLD).park == []
+    assert poll(b, HOLD + 1, wall=HOLD + MAX_REST_SECONDS - 1).park == []
+    parked, = poll(b, HOLD + 2, wall=HOLD + MAX_REST_SECONDS).park
+    assert len(parked.entries) == 2 and b.resting_tails == 0
+    assert MAX_REST_SECONDS <= 86400 / 8  # at most 8 pending records a tail a day
+
+
+def test_the_expiry_heap_does_not_grow_with_tails_that_come_and_go():
+    b = resting_batcher()
+    now = 0.0
+    for _ in range(20):  # 500 tails rest, are joined and leave, again and again
+        for user in range(500):
+            back_from_pending(b, (f"user-{user}", "steps"), n=1, now=now)
+        now += HOLD
+        poll(b, now)
+        assert b.resting_tails == 500
+        for user in range(500):
+            b.add((f"user-{user}", "steps"), entries(2, INPUT), now)
+        for batch in poll(b, now + WINDOW, slots=1000).batches:
+            b.done(batch.key, now + WINDOW)
+        now += WINDOW
+    assert b.resting_tails == 0
+    assert len(b._expiry) <= 2 * 500 + 1024
