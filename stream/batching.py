@@ -532,8 +532,8 @@ class Batcher:
             self._ready.setdefault(buffer.key, "window")
         elif not buffer.count:
             del self._buffers[buffer.key]
-        elif may_rest and self._may_rest(buffer, wall):
-            self._rest(buffer, wall, work)
+        elif may_rest and (oldest := self._restable_birth(buffer, wall)) is not None:
+            self._rest(buffer, oldest, wall, work)
         else:
             small = self._remove(buffer.key, buffer)
             oldest = wall - self.max_age
@@ -558,29 +558,27 @@ class Batcher:
 
     # -- resting tails --------------------------------------------------------------------------------
 
-    def _may_rest(self, buffer: _Buffer, wall: float) -> bool:
-        """A tail whose every sample came back from the pending topic, none of them expired yet, with no copy
-        set aside (a copy may come from the input, whose offset must not wait beyond the hold)."""
+    def _restable_birth(self, buffer: _Buffer, wall: float) -> float | None:
+        """The birth of its oldest sample when the tail may rest: every sample came back from the pending topic,
+        none expired yet, no copy set aside (a copy may come from the input, whose offset must not wait beyond
+        the hold). None when it may not."""
         if not self.max_resting or buffer.count > self.max_resting or buffer.key in self._twins:
-            return False
-        if buffer.source != _MIXED:
-            if buffer.source not in self._restable:
-                return False
-            entries = None
-        else:
-            entries = self._unpack(buffer)
-            if any(self._index_of[e.source] not in self._restable for e in entries):
-                return False
-        oldest = min(e.born for e in (entries or self._unpack(buffer)))
-        return oldest > wall - self.max_age
+            return None
+        if buffer.source != _MIXED and buffer.source not in self._restable:
+            return None
+        entries = self._unpack(buffer)  # 1-2 samples
+        if buffer.source == _MIXED and any(self._index_of[e.source] not in self._restable for e in entries):
+            return None
+        oldest = min(e.born for e in entries)
+        return oldest if oldest > wall - self.max_age else None
 
-    def _rest(self, buffer: _Buffer, wall: float, work: Work) -> None:
+    def _rest(self, buffer: _Buffer, oldest: float, wall: float, work: Work) -> None:
         """Keep a tail in memory, its pending offsets unacknowledged, until it is joined, expires or is taken;
         the tails resting longest are parked first to make room."""
         while self._resting_samples + buffer.count > self.max_resting:
             key, longest = next(iter(self._resting.items()))
             work.park.append(self._remove(key, longest))
-        buffer.rest_until = min(min(e.born for e in self._unpack(buffer)) + self.max_age, wall + MAX_REST_SECONDS)
+        buffer.rest_until = min(oldest + self.max_age, wall + MAX_REST_SECONDS)
         self._resting[buffer.key] = buffer
         self._resting_samples += buffer.count
         self._rechecks += 1
